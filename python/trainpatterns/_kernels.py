@@ -1,0 +1,239 @@
+"""The only module that calls the native extension ``trainpatterns._C``.
+
+It turns tensors into what the kernels take (addresses, element counts, dtype tags, a CUDA stream as
+an integer) and checks them first: device, dtype, layout, contiguity, sizes. Every error raised here
+names the offending tensor, so a user sees ``parameter 'encoder.weight': ...`` instead of a crash.
+Kernels never see torch objects, which is why the extension does not link libtorch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import _C
+
+_DTYPE_TAGS = {
+    torch.float32: _C.DType.float32,
+    torch.float16: _C.DType.float16,
+    torch.bfloat16: _C.DType.bfloat16,
+    torch.float64: _C.DType.float64,
+}
+SUPPORTED_PARAM_DTYPES = tuple(_DTYPE_TAGS)
+
+# Row indices of a tensor table (csrc/common/params.h, enum TableRow).
+ROW_NUMEL, ROW_PARAM, ROW_GRAD, ROW_STATE0, ROW_STATE1, ROW_STATE2, ROW_MASTER, ROW_PREFIX = range(8)
+N_ROWS = 8
+
+
+def build_info() -> dict:
+    """What the native module was compiled with: CUDA and its archs, SIMD level in use, OpenMP."""
+    return dict(_C.build_info())
+
+
+def cuda_compiled() -> bool:
+    return bool(_C.build_info()["cuda"])
+
+
+def check_param(p: torch.Tensor, name: str) -> None:
+    """Raise a clear error if a parameter cannot be updated by a fused kernel."""
+    if p.dtype not in _DTYPE_TAGS:
+        raise TypeError(
+            f"parameter {name}: dtype {p.dtype} is not supported by the fused optimizers "
+            f"(supported: float32, float16, bfloat16, float64)"
+        )
+    if p.layout is not torch.strided:
+        raise TypeError(f"parameter {name}: layout {p.layout} is not supported (dense tensors only)")
+    if not p.is_contiguous():
+        raise ValueError(
+            f"parameter {name}: storage is not contiguous (strides {tuple(p.stride())} for shape "
+            f"{tuple(p.shape)}); the fused kernels need contiguous parameters, call .contiguous() "
+            f"before creating the optimizer"
+        )
+    if p.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"parameter {name}: device {p.device} is not supported (cpu or cuda)")
+    if p.device.type == "cuda" and not cuda_compiled():
+        raise RuntimeError(
+            f"parameter {name} is on {p.device} but trainpatterns was built without CUDA kernels "
+            f"(nvcc was not found at build time); reinstall with nvcc on PATH"
+        )
+
+
+def check_grad(g: torch.Tensor, p: torch.Tensor, name: str) -> None:
+    """Raise a clear error if a gradient does not match its parameter."""
+    if g.is_sparse or g.layout is not torch.strided:
+        raise RuntimeError(
+            f"parameter {name}: sparse gradients are not supported by the fused optimizers "
+            f"(use torch.optim.SparseAdam or a dense embedding)"
+        )
+    if g.dtype != p.dtype:
+        raise TypeError(f"parameter {name}: gradient dtype {g.dtype} does not match parameter dtype {p.dtype}")
+    if g.shape != p.shape:
+        raise ValueError(
+            f"parameter {name}: gradient shape {tuple(g.shape)} does not match parameter shape {tuple(p.shape)}"
+        )
+    if g.device != p.device:
+        raise ValueError(f"parameter {name}: gradient is on {g.device} but the parameter is on {p.device}")
+    if not g.is_contiguous():
+        raise ValueError(
+            f"parameter {name}: gradient storage is not contiguous (strides {tuple(g.stride())}); "
+            f"the fused kernels need contiguous gradients"
+        )
+
+
+def _addr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+@dataclass
+class KernelTable:
+    """A pointer table for one homogeneous tensor list (one device, one dtype, master or not).
+
+    Invariants: every tensor is contiguous and lives on ``device``; grads match their params in
+    dtype and shape; ``steps`` is a float32 tensor of ``n`` entries on ``device`` that the kernels
+    increment. The table keeps references to everything it points to, so no address dangles.
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    master: bool
+    tensors: list  # [params, grads, state0, state1, state2, masters]: what the addresses point to
+    steps: torch.Tensor
+    host_rows: torch.Tensor  # int64 [N_ROWS, n], CPU
+    rows: torch.Tensor  # host_rows itself on CPU, a device copy on CUDA
+    native: object = field(repr=False)
+
+    @property
+    def n(self) -> int:
+        return self.host_rows.shape[1]
+
+    def replace_grads(self, grads: Sequence[torch.Tensor]) -> None:
+        """Point the table at new gradient tensors (already checked by the caller)."""
+        addrs = np.fromiter((g.data_ptr() for g in grads), dtype=np.int64, count=len(grads))
+        host = self.host_rows.numpy()
+        self.tensors[1] = list(grads)
+        if np.array_equal(host[ROW_GRAD], addrs):
+            return  # same storage again (the caching allocator reuses blocks): nothing to upload
+        host[ROW_GRAD] = addrs
+        if self.device.type == "cuda":
+            self._upload()
+
+    def _upload(self) -> None:
+        # A fresh pinned copy per upload: the caching host allocator keeps it alive until the
+        # asynchronous copy has run, so the host table can change again right away.
+        staged = self.host_rows.clone().pin_memory()
+        self.rows = staged.to(self.device, non_blocking=True)
+        self.native = _native_table(self.rows, self.host_rows, self.steps, self.dtype, self.master)
+
+
+def _native_table(rows, host_rows, steps, dtype, master):
+    n = host_rows.shape[1]
+    total = int(host_rows[ROW_NUMEL].sum()) if n else 0
+    return _C.TensorTable(
+        rows=rows.data_ptr(), host_rows=host_rows.data_ptr(), n=n, total=total,
+        steps=steps.data_ptr(), dtype=_DTYPE_TAGS[dtype], master=master,
+    )
+
+
+def make_table(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    states: Sequence[Sequence[Optional[torch.Tensor]]],
+    masters: Sequence[Optional[torch.Tensor]],
+    steps: torch.Tensor,
+    master: bool,
+) -> KernelTable:
+    """Build the pointer table of one tensor list. ``states`` holds up to three per-tensor lists
+    (missing rows or None entries become null addresses). Params and grads are already checked."""
+    n = len(params)
+    device = params[0].device
+    dtype = params[0].dtype
+    if steps.dtype != torch.float32 or steps.device != device or steps.numel() != n:
+        raise ValueError("internal: steps must be float32 with one entry per tensor on the params' device")
+    host = np.zeros((N_ROWS, n), dtype=np.int64)
+    host[ROW_NUMEL] = [p.numel() for p in params]
+    host[ROW_PARAM] = [p.data_ptr() for p in params]
+    host[ROW_GRAD] = [g.data_ptr() for g in grads]
+    state_lists = list(states) + [[None] * n] * (3 - len(states))
+    for row, lst in zip((ROW_STATE0, ROW_STATE1, ROW_STATE2), state_lists):
+        host[row] = [_addr(s) for s in lst]
+    host[ROW_MASTER] = [_addr(m) for m in masters]
+    if n:
+        host[ROW_PREFIX, 1:] = np.cumsum(host[ROW_NUMEL])[:-1]
+    host_rows = torch.from_numpy(host)
+    tensors = [list(params), list(grads), *[list(s) for s in state_lists], list(masters)]
+    table = KernelTable(device, dtype, master, tensors, steps, host_rows, host_rows, None)
+    if device.type == "cuda":
+        table._upload()
+    else:
+        table.native = _native_table(host_rows, host_rows, steps, dtype, master)
+    return table
+
+
+def _launch(device: torch.device) -> tuple[int, int]:
+    """(device index, stream handle) for a kernel call: -1 and 0 on the CPU."""
+    if device.type != "cuda":
+        return -1, 0
+    return device.index, torch.cuda.current_stream(device).cuda_stream
+
+
+def grad_control(grad_mul: float = 1.0, grad_mul_dev: Optional[torch.Tensor] = None,
+                 skip_dev: Optional[torch.Tensor] = None):
+    """Gradient multiplier (loss-scale reciprocal times clip factor) and optional device skip flag."""
+    return _C.GradControl(grad_mul=grad_mul, grad_mul_dev=_addr(grad_mul_dev), skip_dev=_addr(skip_dev))
+
+
+def _lr_args(lr) -> dict:
+    if isinstance(lr, torch.Tensor):
+        if lr.device.type == "cuda":
+            if lr.dtype != torch.float32 or lr.numel() != 1:
+                raise TypeError("a learning rate tensor on CUDA must be a float32 scalar")
+            return {"lr": 0.0, "lr_dev": lr.data_ptr()}
+        return {"lr": float(lr)}
+    return {"lr": float(lr)}
+
+
+def adam_step(table: KernelTable, control, *, lr, beta1: float, beta2: float, eps: float,
+              weight_decay: float, decoupled: bool, amsgrad: bool, maximize: bool, num_threads: int) -> None:
+    hp = _C.AdamParams(**_lr_args(lr), beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                       decoupled=decoupled, amsgrad=amsgrad, maximize=maximize)
+    dev, stream = _launch(table.device)
+    _C.adam_step(table.native, hp, control, num_threads, dev, stream)
+
+
+def sgd_step(table: KernelTable, control, *, lr, momentum: float, dampening: float,
+             weight_decay: float, nesterov: bool, maximize: bool, num_threads: int) -> None:
+    hp = _C.SgdParams(**_lr_args(lr), momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                      nesterov=nesterov, maximize=maximize)
+    dev, stream = _launch(table.device)
+    _C.sgd_step(table.native, hp, control, num_threads, dev, stream)
+
+
+def adagrad_step(table: KernelTable, control, *, lr, lr_decay: float, weight_decay: float, eps: float,
+                 maximize: bool, num_threads: int) -> None:
+    hp = _C.AdagradParams(**_lr_args(lr), lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
+                          maximize=maximize)
+    dev, stream = _launch(table.device)
+    _C.adagrad_step(table.native, hp, control, num_threads, dev, stream)
+
+
+def grad_sumsq_cpu(table: KernelTable, num_threads: int) -> float:
+    """Sum of squares of the table's gradients (double precision); not finite iff a grad is not."""
+    return _C.grad_sumsq(table.native, num_threads)
+
+
+def grad_sumsq_cuda(table: KernelTable, sumsq: torch.Tensor) -> None:
+    """Adds the table's gradient sum of squares to ``sumsq`` (float64 scalar on the device), async."""
+    dev, stream = _launch(table.device)
+    _C.grad_sumsq_cuda(table.native, sumsq.data_ptr(), dev, stream)
+
+
+def finish_grad_control_cuda(sumsq: torch.Tensor, inv_scale: Optional[torch.Tensor], max_norm: float,
+                             norm: torch.Tensor, skip: torch.Tensor, grad_mul: torch.Tensor) -> None:
+    """On the device: norm = sqrt(sumsq) * inv_scale, skip |= !finite(norm), grad_mul = inv_scale *
+    clip factor (max_norm <= 0: no clipping). No host synchronisation."""
+    dev, stream = _launch(sumsq.device)
+    _C.finish_grad_control(sumsq.data_ptr(), 1.0, _addr(inv_scale), max_norm, norm.data_ptr(),
+                           skip.data_ptr(), grad_mul.data_ptr(), dev, stream)
