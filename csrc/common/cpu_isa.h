@@ -119,17 +119,24 @@ static inline T* row_ptr(const TensorTable& t, TableRow r, int64_t i) {
   return reinterpret_cast<T*>(static_cast<uintptr_t>(t.rows[r * t.n + i]));
 }
 
-// Calls fn.template operator()<P, S>() with the parameter storage type P and state type S of `t`.
+// A compile-time flag: kernels take their optional paths as template parameters so that inner
+// loops have no conditional loads or stores, which would stop the compiler from vectorising them.
+template <bool B>
+struct Flag {
+  static constexpr bool value = B;
+};
+
+// Calls fn(P{}, S{}, Flag<master>{}) with the parameter storage type P and state type S of `t`.
 template <typename Fn>
 static void dispatch_types(const TensorTable& t, Fn&& fn) {
   switch (t.dtype) {
-    case DType::Float32: fn(float{}, float{}); break;
-    case DType::Float64: fn(double{}, double{}); break;
+    case DType::Float32: fn(float{}, float{}, Flag<false>{}); break;
+    case DType::Float64: fn(double{}, double{}, Flag<false>{}); break;
     case DType::BFloat16:
-      if (t.master) fn(bf16_t{}, float{}); else fn(bf16_t{}, bf16_t{});
+      if (t.master) fn(bf16_t{}, float{}, Flag<true>{}); else fn(bf16_t{}, bf16_t{}, Flag<false>{});
       break;
     case DType::Float16:
-      if (t.master) fn(f16_t{}, float{}); else fn(f16_t{}, f16_t{});
+      if (t.master) fn(f16_t{}, float{}, Flag<true>{}); else fn(f16_t{}, f16_t{}, Flag<false>{});
       break;
   }
 }

@@ -42,7 +42,7 @@ double grad_sumsq(const TensorTable& t, int num_threads) {
   constexpr int kMaxThreads = 256;
   alignas(64) double slots[kMaxThreads * 8] = {};
   const int nt = num_threads < 1 ? 1 : (num_threads > kMaxThreads ? kMaxThreads : num_threads);
-  dispatch_types(t, [&](auto p_tag, auto) {
+  dispatch_types(t, [&](auto p_tag, auto, auto) {
     using P = decltype(p_tag);
     for_each_piece(t, nt, [&] {
 #ifdef _OPENMP

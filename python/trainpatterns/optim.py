@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import operator
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -56,6 +56,24 @@ class _GroupPlan:
     grads: list  # the gradient objects seen at build time (identity is checked each step)
     buckets: list
     device: torch.device
+    active_params: list = field(default_factory=list)  # params with a gradient, in bucket order
+    watched: list = field(default_factory=list)  # active params then their gradients
+    watched_ptrs: list = field(default_factory=list)  # their storage addresses when the tables were built
+
+    def watch(self, grads: list) -> None:
+        """Record the addresses the tables hold, for :meth:`tensors_moved`."""
+        self.grads = grads
+        self.watched = self.active_params + [p.grad for p in self.active_params]
+        self.watched_ptrs = list(map(_data_ptr, self.watched))
+
+    def tensors_moved(self) -> bool:
+        """True if a parameter's or gradient's storage was swapped (``p.data = ...``) since the
+        tables were built: the cached addresses would then be stale. One C-level pass, no Python
+        loop: this runs every step."""
+        return list(map(_data_ptr, self.watched)) != self.watched_ptrs
+
+
+_data_ptr = torch.Tensor.data_ptr
 
 
 class _FusedOptimizer(torch.optim.Optimizer):
@@ -87,7 +105,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
         device = None
         for pi, p in enumerate(group["params"]):
             name = self._param_name(gi, pi)
-            _kernels.check_param(p, name)
             if device is None:
                 device = p.device
             elif p.device != device:
@@ -95,6 +112,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     f"parameter {name} is on {p.device} but earlier parameters of param group {gi} "
                     f"are on {device}: a fused optimizer needs each param group on one device"
                 )
+            _kernels.check_param(p, name)
         self._plans.clear()
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -167,15 +185,20 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _structure_key(self, group: dict) -> tuple:
         return ()
 
-    def _plan(self, gi: int, group: dict) -> Optional[_GroupPlan]:
+    def _plan(self, gi: int, group: dict) -> _GroupPlan:
+        """The cached plan of a group, refreshed as little as needed. Per step this costs one pass
+        of attribute reads over the group's tensors (no validation, no allocation) when nothing
+        changed, and revalidates only the new gradients when only gradient tensors changed."""
         params = group["params"]
         grads = [p.grad for p in params]
         plan = self._plans.get(gi)
         if (plan is not None and plan.params is params and plan.n_params == len(params)
                 and plan.key == self._structure_key(group)):
             if all(map(operator.is_, grads, plan.grads)):
-                return plan  # the fast path: nothing changed since the last step
-            if [g is None for g in grads] == [g is None for g in plan.grads]:
+                if not plan.tensors_moved():
+                    return plan  # the fast path: nothing changed since the last step
+            elif ([g is None for g in grads] == [g is None for g in plan.grads]
+                  and list(map(_data_ptr, plan.active_params)) == plan.watched_ptrs[:len(plan.active_params)]):
                 self._refresh_grads(gi, plan, grads)  # same active set, new gradient tensors
                 return plan
         plan = self._build_plan(gi, group, grads)
@@ -191,7 +214,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 if new[k] is not old[k]:
                     _kernels.check_grad(new[k], params[i], self._param_name(gi, i))
             bucket.table.replace_grads(new)
-        plan.grads = grads
+        plan.watch(grads)
 
     def _build_plan(self, gi: int, group: dict, grads: list) -> _GroupPlan:
         params = group["params"]
@@ -212,7 +235,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
             by_dtype.setdefault(p.dtype, []).append(i)
         buckets = [self._make_bucket(group, indices, grads, fresh) for indices in by_dtype.values()]
         device = params[0].device if params else torch.device("cpu")
-        return _GroupPlan(params, len(params), self._structure_key(group), grads, buckets, device)
+        plan = _GroupPlan(params, len(params), self._structure_key(group), grads, buckets, device,
+                          [params[i] for b in buckets for i in b.indices])
+        plan.watch(grads)
+        return plan
 
     def _make_bucket(self, group: dict, indices: list, grads: list, fresh: dict) -> _Bucket:
         params = [group["params"][i] for i in indices]
