@@ -1,0 +1,89 @@
+// sgd_cuda.cu: fused SGD step (momentum, dampening, nesterov, weight decay, maximize) on the GPU.
+// The CUDA twin of sgd_cpu.cpp, same maths in the same order. A tensor whose step count is 1 after
+// the increment has no momentum history: its buffer becomes the gradient, as torch clones it. The
+// engine (tensor walk, vectorization, master weights, skip flag, step increment) is
+// csrc/common/multi_tensor.cuh.
+#include "../common/cuda_api.h"
+#include "../common/multi_tensor.cuh"
+
+namespace tp {
+namespace cuda {
+namespace {
+
+template <typename M, bool MOMENTUM>
+struct SgdOp {
+  static constexpr int kStates = MOMENTUM ? 1 : 0;  // momentum_buffer
+  static constexpr int kSlots = 1;
+
+  // Step-independent constants in the math type.
+  M wd, mom, one_minus_damp;
+  bool nesterov;
+  // Inputs of the per-tensor scalars.
+  double lr, grad_mul, sign;
+  const float* lr_dev;
+  const float* grad_mul_dev;
+  const float* steps;
+
+  struct Scalars {
+    M gm, neg_lr;
+    bool first;
+  };
+
+  __device__ __forceinline__ Scalars scalars(float step_count) const {
+    const double lr_now = lr_dev ? static_cast<double>(*lr_dev) : lr;
+    const double mul = grad_mul_dev ? static_cast<double>(*grad_mul_dev) : grad_mul;
+    Scalars c;
+    c.gm = static_cast<M>(mul * sign);                    // unscale * clip * maximize sign
+    c.neg_lr = static_cast<M>(-lr_now);
+    c.first = step_count == 1.0f;                         // steps were incremented before the pass
+    return c;
+  }
+
+  __device__ __forceinline__ void operator()(const Scalars& c, M g, M& p, M (&s)[kSlots]) const {
+    g = g * c.gm;                                         // unscale, clip, maximize sign
+    g = g + wd * p;                                       // L2 weight decay (wd = 0: none)
+    if constexpr (MOMENTUM) {
+      // buf = g on the first step, else momentum * buf + (1 - dampening) * g
+      const M bn = c.first ? g : s[0] * mom + one_minus_damp * g;
+      s[0] = bn;
+      g = nesterov ? g + mom * bn : bn;                   // nesterov looks one step ahead
+    }
+    p = p + c.neg_lr * g;                                 // p -= lr * g
+  }
+};
+
+template <typename M, bool MOMENTUM>
+SgdOp<M, MOMENTUM> make_op(const TensorTable& t, const SgdParams& hp, const GradControl& gc) {
+  SgdOp<M, MOMENTUM> op{};
+  op.wd = static_cast<M>(hp.weight_decay);
+  op.mom = static_cast<M>(hp.momentum);
+  op.one_minus_damp = static_cast<M>(1.0 - hp.dampening);
+  op.nesterov = hp.nesterov != 0;
+  op.lr = hp.lr;
+  op.grad_mul = gc.grad_mul;
+  op.sign = hp.maximize ? -1.0 : 1.0;
+  op.lr_dev = hp.lr_dev;
+  op.grad_mul_dev = gc.grad_mul_dev;
+  op.steps = t.steps;
+  return op;
+}
+
+}  // namespace
+
+void sgd_step(const TensorTable& t, const SgdParams& hp, const GradControl& gc, int device,
+              std::uintptr_t stream) {
+  DeviceGuard guard(device);
+  mt::dispatch_types(t, [&](auto p_tag, auto s_tag, auto master) {
+    using P = typename decltype(p_tag)::type;
+    using S = typename decltype(s_tag)::type;
+    using M = typename mt::OpMath<P>::type;
+    constexpr bool kMaster = decltype(master)::value;
+    if (hp.momentum != 0.0)
+      mt::launch_update<P, S, kMaster>(t, make_op<M, true>(t, hp, gc), gc, stream);
+    else
+      mt::launch_update<P, S, kMaster>(t, make_op<M, false>(t, hp, gc), gc, stream);
+  });
+}
+
+}  // namespace cuda
+}  // namespace tp
