@@ -245,6 +245,37 @@ def test_new_grad_tensors_every_step_and_zero_grad():
     assert_close_lists(list(model_a.parameters()), list(model_b.parameters()), torch.float32)
 
 
+def test_old_gradients_are_not_kept_alive():
+    """After zero_grad(set_to_none=True) the previous gradients must be freed, as with torch's
+    optimizers: a cache holding them would cost one gradient buffer of peak memory."""
+    import weakref
+
+    p = torch.nn.Parameter(torch.randn(37))
+    opt = FusedAdamW([p], lr=1e-2)
+    p.grad = torch.randn(37)
+    opt.step()
+    ref = weakref.ref(p.grad)
+    opt.zero_grad(set_to_none=True)
+    assert ref() is None
+    p.grad = torch.randn(37)  # and the next step still uses the new gradient correctly
+    before = p.detach().clone()
+    opt.step()
+    assert not torch.equal(before, p.detach())
+
+
+def test_new_grads_with_other_dtype_are_rejected_by_name():
+    """torch lets a gradient differ in dtype once grad_dtype is changed; the bulk check of fresh
+    gradients must still catch it and name the parameter."""
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = FusedAdamW([p])
+    p.grad = torch.randn(5)
+    opt.step()
+    p.grad_dtype = None  # allow any gradient dtype
+    p.grad = torch.randn(5, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[0\].*gradient dtype"):
+        opt.step()
+
+
 def test_param_storage_swap_is_detected():
     p = torch.nn.Parameter(torch.ones(10))
     opt = FusedSGD([p], lr=0.5)

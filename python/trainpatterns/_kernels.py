@@ -83,6 +83,9 @@ def check_grad(g: torch.Tensor, p: torch.Tensor, name: str) -> None:
         )
 
 
+_data_ptr = torch.Tensor.data_ptr
+
+
 def _addr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -93,13 +96,14 @@ class KernelTable:
 
     Invariants: every tensor is contiguous and lives on ``device``; grads match their params in
     dtype and shape; ``steps`` is a float32 tensor of ``n`` entries on ``device`` that the kernels
-    increment. The table keeps references to everything it points to, so no address dangles.
+    increment. The table keeps references to everything it points to except the gradients, which
+    the optimizer revalidates (identity and address) before every launch.
     """
 
     device: torch.device
     dtype: torch.dtype
     master: bool
-    tensors: list  # [params, grads, state0, state1, state2, masters]: what the addresses point to
+    tensors: list  # [params, [], state0, state1, state2, masters]: what the addresses point to
     steps: torch.Tensor
     host_rows: torch.Tensor  # int64 [N_ROWS, n], CPU
     rows: torch.Tensor  # host_rows itself on CPU, a device copy on CUDA
@@ -111,9 +115,8 @@ class KernelTable:
 
     def replace_grads(self, grads: Sequence[torch.Tensor]) -> None:
         """Point the table at new gradient tensors (already checked by the caller)."""
-        addrs = np.fromiter((g.data_ptr() for g in grads), dtype=np.int64, count=len(grads))
+        addrs = np.fromiter(map(_data_ptr, grads), dtype=np.int64, count=len(grads))
         host = self.host_rows.numpy()
-        self.tensors[1] = list(grads)
         if np.array_equal(host[ROW_GRAD], addrs):
             return  # same storage again (the caching allocator reuses blocks): nothing to upload
         host[ROW_GRAD] = addrs
@@ -163,7 +166,9 @@ def make_table(
     if n:
         host[ROW_PREFIX, 1:] = np.cumsum(host[ROW_NUMEL])[:-1]
     host_rows = torch.from_numpy(host)
-    tensors = [list(params), list(grads), *[list(s) for s in state_lists], list(masters)]
+    # Gradients are not held: the optimizer checks before every launch that the gradients it was
+    # given are alive at these addresses, so holding them would only keep freed grads in memory.
+    tensors = [list(params), [], *[list(s) for s in state_lists], list(masters)]
     table = KernelTable(device, dtype, master, tensors, steps, host_rows, host_rows, None)
     if device.type == "cuda":
         table._upload()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import operator
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
@@ -48,32 +49,54 @@ class _Bucket:
 
 @dataclass
 class _GroupPlan:
-    """What the step of one param group needs, cached while the group's tensors do not change."""
+    """What the step of one param group needs, cached while the group's tensors do not change.
+
+    Gradients are held by weak reference only: after ``zero_grad(set_to_none=True)`` the old
+    gradients are freed as they would be with torch's optimizers, instead of living on in the cache
+    until the next step. A dead reference simply means "new gradient tensor"."""
 
     params: list  # the group's params list object (identity is checked)
     n_params: int
     key: tuple  # structure flags (amsgrad, momentum on/off): a change rebuilds the plan
-    grads: list  # the gradient objects seen at build time (identity is checked each step)
+    grad_refs: list  # per position in params: weakref to the gradient the tables point to, or _no_grad
     buckets: list
     device: torch.device
-    active_params: list = field(default_factory=list)  # params with a gradient, in bucket order
-    watched: list = field(default_factory=list)  # active params then their gradients
-    watched_ptrs: list = field(default_factory=list)  # their storage addresses when the tables were built
+    active: list = field(default_factory=list)  # positions in params that have a gradient, in bucket order
+    active_params: list = field(default_factory=list)  # params[active]
+    ptrs: list = field(default_factory=list)  # addresses of active params, then of their gradients
 
     def watch(self, grads: list) -> None:
-        """Record the addresses the tables hold, for :meth:`tensors_moved`."""
-        self.grads = grads
-        self.watched = self.active_params + [p.grad for p in self.active_params]
-        self.watched_ptrs = list(map(_data_ptr, self.watched))
+        """Record the gradients and the addresses the tables hold, for :meth:`same_tensors`."""
+        self.grad_refs = [_no_grad if g is None else weakref.ref(g) for g in grads]
+        self.ptrs = list(map(_data_ptr, self.active_params)) + list(map(_data_ptr, self._pick(grads)))
 
-    def tensors_moved(self) -> bool:
-        """True if a parameter's or gradient's storage was swapped (``p.data = ...``) since the
-        tables were built: the cached addresses would then be stale. One C-level pass, no Python
-        loop: this runs every step."""
-        return list(map(_data_ptr, self.watched)) != self.watched_ptrs
+    def _pick(self, grads: list) -> tuple:
+        return tuple(grads[i] for i in self.active) if len(self.active) < 2 else operator.itemgetter(*self.active)(grads)
+
+    def same_grads(self, grads: list) -> bool:
+        """Whether ``grads`` are the very gradient objects the tables were pointed at."""
+        return all(map(operator.is_, grads, map(operator.call, self.grad_refs)))
+
+    def same_tensors(self, grads: list) -> bool:
+        """False if a parameter's or gradient's storage was swapped since the tables were built
+        (``p.data = ...`` as ``Module.to()`` does, ``p.grad.data = ...``): the cached addresses
+        would be stale. C-level passes only, no Python loop: this runs every step."""
+        return list(map(_data_ptr, self.active_params)) + list(map(_data_ptr, self._pick(grads))) == self.ptrs
+
+
+def _no_grad() -> None:
+    """Stands in for a weak reference where a parameter has no gradient."""
+    return None
 
 
 _data_ptr = torch.Tensor.data_ptr
+_is_contiguous = torch.Tensor.is_contiguous
+_grad_of = operator.attrgetter("grad")
+_dtype_of = operator.attrgetter("dtype")
+
+
+def _is_none(x: object) -> bool:
+    return x is None
 
 
 class _FusedOptimizer(torch.optim.Optimizer):
@@ -186,19 +209,20 @@ class _FusedOptimizer(torch.optim.Optimizer):
         return ()
 
     def _plan(self, gi: int, group: dict) -> _GroupPlan:
-        """The cached plan of a group, refreshed as little as needed. Per step this costs one pass
-        of attribute reads over the group's tensors (no validation, no allocation) when nothing
-        changed, and revalidates only the new gradients when only gradient tensors changed."""
+        """The cached plan of a group, refreshed as little as needed. Per step this costs a few
+        C-level passes over the group (reading ``.grad``, identity and address checks) when nothing
+        changed, and a bulk check of the new gradients when only gradient tensors changed (as
+        ``zero_grad(set_to_none=True)`` + backward produce every step)."""
         params = group["params"]
-        grads = [p.grad for p in params]
+        grads = list(map(_grad_of, params))
         plan = self._plans.get(gi)
         if (plan is not None and plan.params is params and plan.n_params == len(params)
                 and plan.key == self._structure_key(group)):
-            if all(map(operator.is_, grads, plan.grads)):
-                if not plan.tensors_moved():
+            if plan.same_grads(grads):
+                if plan.same_tensors(grads):
                     return plan  # the fast path: nothing changed since the last step
-            elif ([g is None for g in grads] == [g is None for g in plan.grads]
-                  and list(map(_data_ptr, plan.active_params)) == plan.watched_ptrs[:len(plan.active_params)]):
+            elif (list(map(_is_none, grads)) == list(map(_is_none, map(operator.call, plan.grad_refs)))
+                  and list(map(_data_ptr, plan.active_params)) == plan.ptrs[:len(plan.active)]):
                 self._refresh_grads(gi, plan, grads)  # same active set, new gradient tensors
                 return plan
         plan = self._build_plan(gi, group, grads)
@@ -206,12 +230,20 @@ class _FusedOptimizer(torch.optim.Optimizer):
         return plan
 
     def _refresh_grads(self, gi: int, plan: _GroupPlan, grads: list) -> None:
+        """Point the tables at new gradient tensors. torch itself refuses a ``.grad`` of another
+        shape or device (and of another dtype unless ``grad_dtype`` was changed), so a bulk check of
+        dtype and contiguity suffices; any failure falls back to the per-tensor checks, which name
+        the parameter."""
         params = plan.params
         for bucket in plan.buckets:
             new = [grads[i] for i in bucket.indices]
-            old = bucket.table.tensors[1]
-            for k, i in enumerate(bucket.indices):
-                if new[k] is not old[k]:
+            dtype = bucket.table.dtype
+            try:
+                ok = all(map(_is_contiguous, new)) and list(map(_dtype_of, new)).count(dtype) == len(new)
+            except RuntimeError:  # sparse tensors have no is_contiguous(); check_grad names them
+                ok = False
+            if not ok:
+                for k, i in enumerate(bucket.indices):
                     _kernels.check_grad(new[k], params[i], self._param_name(gi, i))
             bucket.table.replace_grads(new)
         plan.watch(grads)
@@ -235,8 +267,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
             by_dtype.setdefault(p.dtype, []).append(i)
         buckets = [self._make_bucket(group, indices, grads, fresh) for indices in by_dtype.values()]
         device = params[0].device if params else torch.device("cpu")
-        plan = _GroupPlan(params, len(params), self._structure_key(group), grads, buckets, device,
-                          [params[i] for b in buckets for i in b.indices])
+        active = [i for b in buckets for i in b.indices]
+        plan = _GroupPlan(params, len(params), self._structure_key(group), [], buckets, device, active,
+                          [params[i] for i in active])
         plan.watch(grads)
         return plan
 
