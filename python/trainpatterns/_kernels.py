@@ -83,9 +83,6 @@ def check_grad(g: torch.Tensor, p: torch.Tensor, name: str) -> None:
         )
 
 
-_data_ptr = torch.Tensor.data_ptr
-
-
 def _addr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -113,9 +110,10 @@ class KernelTable:
     def n(self) -> int:
         return self.host_rows.shape[1]
 
-    def replace_grads(self, grads: Sequence[torch.Tensor]) -> None:
-        """Point the table at new gradient tensors (already checked by the caller)."""
-        addrs = np.fromiter(map(_data_ptr, grads), dtype=np.int64, count=len(grads))
+    def replace_grad_addresses(self, addrs: list) -> None:
+        """Point the table at new gradient tensors, given their addresses (the caller has checked
+        the tensors and keeps them alive for the launch)."""
+        addrs = np.asarray(addrs, dtype=np.int64)
         host = self.host_rows.numpy()
         if np.array_equal(host[ROW_GRAD], addrs):
             return  # same storage again (the caching allocator reuses blocks): nothing to upload

@@ -23,6 +23,7 @@ import operator
 import warnings
 import weakref
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -53,50 +54,52 @@ class _GroupPlan:
 
     Gradients are held by weak reference only: after ``zero_grad(set_to_none=True)`` the old
     gradients are freed as they would be with torch's optimizers, instead of living on in the cache
-    until the next step. A dead reference simply means "new gradient tensor"."""
+    until the next step. A dead reference simply means "new gradient tensor". Every check below is
+    a C-level pass (map over builtins), never a Python loop: they run every step."""
 
     params: list  # the group's params list object (identity is checked)
     n_params: int
     key: tuple  # structure flags (amsgrad, momentum on/off): a change rebuilds the plan
-    grad_refs: list  # per position in params: weakref to the gradient the tables point to, or _no_grad
     buckets: list
     device: torch.device
-    active: list = field(default_factory=list)  # positions in params that have a gradient, in bucket order
-    active_params: list = field(default_factory=list)  # params[active]
+    active: list  # positions in params that have a gradient, in bucket order
+    active_params: list  # params[active]
+    has_grad: list = field(default_factory=list)  # per position in params: grad is not None
+    grad_refs: list = field(default_factory=list)  # weakrefs to the active gradients the tables use
     ptrs: list = field(default_factory=list)  # addresses of active params, then of their gradients
 
-    def watch(self, grads: list) -> None:
-        """Record the gradients and the addresses the tables hold, for :meth:`same_tensors`."""
-        self.grad_refs = [_no_grad if g is None else weakref.ref(g) for g in grads]
-        self.ptrs = list(map(_data_ptr, self.active_params)) + list(map(_data_ptr, self._pick(grads)))
+    def pick(self, grads: list) -> list:
+        """The gradients of the active positions, in bucket order."""
+        return [grads[i] for i in self.active] if len(self.active) < 2 else list(operator.itemgetter(*self.active)(grads))
 
-    def _pick(self, grads: list) -> tuple:
-        return tuple(grads[i] for i in self.active) if len(self.active) < 2 else operator.itemgetter(*self.active)(grads)
+    def watch(self, grads: list, picked: list, grad_ptrs: Optional[list] = None) -> None:
+        """Record the gradients and the addresses the tables hold (parameter addresses are read
+        here only when the plan is built: a refresh keeps them)."""
+        self.has_grad = list(map(operator.is_not, grads, repeat(None)))
+        self.grad_refs = list(map(weakref.ref, picked))
+        param_ptrs = self.ptrs[:len(self.active)] if self.ptrs else list(map(_data_ptr, self.active_params))
+        self.ptrs = param_ptrs + (list(map(_data_ptr, picked)) if grad_ptrs is None else grad_ptrs)
 
-    def same_grads(self, grads: list) -> bool:
-        """Whether ``grads`` are the very gradient objects the tables were pointed at."""
-        return all(map(operator.is_, grads, map(operator.call, self.grad_refs)))
+    def same_active_set(self, grads: list) -> bool:
+        return list(map(operator.is_not, grads, repeat(None))) == self.has_grad
 
-    def same_tensors(self, grads: list) -> bool:
-        """False if a parameter's or gradient's storage was swapped since the tables were built
-        (``p.data = ...`` as ``Module.to()`` does, ``p.grad.data = ...``): the cached addresses
-        would be stale. C-level passes only, no Python loop: this runs every step."""
-        return list(map(_data_ptr, self.active_params)) + list(map(_data_ptr, self._pick(grads))) == self.ptrs
+    def same_grads(self, picked: list) -> bool:
+        """Whether ``picked`` are the very gradient objects the tables were pointed at."""
+        return all(map(operator.is_, picked, map(operator.call, self.grad_refs)))
 
+    def params_in_place(self) -> bool:
+        """False if a parameter's storage was swapped (``p.data = ...``, as ``Module.to()`` does)."""
+        return list(map(_data_ptr, self.active_params)) == self.ptrs[:len(self.active)]
 
-def _no_grad() -> None:
-    """Stands in for a weak reference where a parameter has no gradient."""
-    return None
+    def grads_in_place(self, picked: list) -> bool:
+        """False if a gradient's storage was swapped under the same object (``p.grad.data = ...``)."""
+        return list(map(_data_ptr, picked)) == self.ptrs[len(self.active):]
 
 
 _data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
 _grad_of = operator.attrgetter("grad")
 _dtype_of = operator.attrgetter("dtype")
-
-
-def _is_none(x: object) -> bool:
-    return x is None
 
 
 class _FusedOptimizer(torch.optim.Optimizer):
@@ -209,44 +212,47 @@ class _FusedOptimizer(torch.optim.Optimizer):
         return ()
 
     def _plan(self, gi: int, group: dict) -> _GroupPlan:
-        """The cached plan of a group, refreshed as little as needed. Per step this costs a few
-        C-level passes over the group (reading ``.grad``, identity and address checks) when nothing
-        changed, and a bulk check of the new gradients when only gradient tensors changed (as
-        ``zero_grad(set_to_none=True)`` + backward produce every step)."""
+        """The cached plan of a group, refreshed as little as needed: when nothing changed, a few
+        C-level passes (read ``.grad``, identity and address checks); when only the gradient
+        tensors changed (``zero_grad(set_to_none=True)`` + backward, every step), a bulk check of
+        the new gradients and a rewrite of one table row; otherwise a rebuild."""
         params = group["params"]
         grads = list(map(_grad_of, params))
         plan = self._plans.get(gi)
         if (plan is not None and plan.params is params and plan.n_params == len(params)
-                and plan.key == self._structure_key(group)):
-            if plan.same_grads(grads):
-                if plan.same_tensors(grads):
-                    return plan  # the fast path: nothing changed since the last step
-            elif (list(map(_is_none, grads)) == list(map(_is_none, map(operator.call, plan.grad_refs)))
-                  and list(map(_data_ptr, plan.active_params)) == plan.ptrs[:len(plan.active)]):
-                self._refresh_grads(gi, plan, grads)  # same active set, new gradient tensors
+                and plan.key == self._structure_key(group) and plan.same_active_set(grads)
+                and plan.params_in_place()):
+            picked = plan.pick(grads)
+            if not plan.same_grads(picked):
+                self._refresh_grads(gi, plan, grads, picked)  # same active set, new gradient tensors
                 return plan
+            if plan.grads_in_place(picked):
+                return plan  # the fast path: nothing changed since the last step
         plan = self._build_plan(gi, group, grads)
         self._plans[gi] = plan
         return plan
 
-    def _refresh_grads(self, gi: int, plan: _GroupPlan, grads: list) -> None:
+    def _refresh_grads(self, gi: int, plan: _GroupPlan, grads: list, picked: list) -> None:
         """Point the tables at new gradient tensors. torch itself refuses a ``.grad`` of another
         shape or device (and of another dtype unless ``grad_dtype`` was changed), so a bulk check of
         dtype and contiguity suffices; any failure falls back to the per-tensor checks, which name
         the parameter."""
-        params = plan.params
+        start = 0
+        grad_ptrs = []
         for bucket in plan.buckets:
-            new = [grads[i] for i in bucket.indices]
-            dtype = bucket.table.dtype
+            new = picked[start:start + len(bucket.indices)]
+            start += len(new)
             try:
-                ok = all(map(_is_contiguous, new)) and list(map(_dtype_of, new)).count(dtype) == len(new)
+                ok = all(map(_is_contiguous, new)) and list(map(_dtype_of, new)).count(bucket.table.dtype) == len(new)
             except RuntimeError:  # sparse tensors have no is_contiguous(); check_grad names them
                 ok = False
             if not ok:
-                for k, i in enumerate(bucket.indices):
-                    _kernels.check_grad(new[k], params[i], self._param_name(gi, i))
-            bucket.table.replace_grads(new)
-        plan.watch(grads)
+                for g, i in zip(new, bucket.indices):
+                    _kernels.check_grad(g, plan.params[i], self._param_name(gi, i))
+            addrs = list(map(_data_ptr, new))
+            bucket.table.replace_grad_addresses(addrs)
+            grad_ptrs += addrs
+        plan.watch(grads, picked, grad_ptrs)
 
     def _build_plan(self, gi: int, group: dict, grads: list) -> _GroupPlan:
         params = group["params"]
@@ -268,9 +274,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
         buckets = [self._make_bucket(group, indices, grads, fresh) for indices in by_dtype.values()]
         device = params[0].device if params else torch.device("cpu")
         active = [i for b in buckets for i in b.indices]
-        plan = _GroupPlan(params, len(params), self._structure_key(group), [], buckets, device, active,
+        plan = _GroupPlan(params, len(params), self._structure_key(group), buckets, device, active,
                           [params[i] for i in active])
-        plan.watch(grads)
+        plan.watch(grads, plan.pick(grads))
         return plan
 
     def _make_bucket(self, group: dict, indices: list, grads: list, fresh: dict) -> _Bucket:
