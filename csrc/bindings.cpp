@@ -10,6 +10,7 @@
 
 #include "common/cpu_kernels.h"
 #include "common/params.h"
+#include "comm/comm_kernels.h"
 #ifdef TP_WITH_CUDA
 #include "common/cuda_api.h"
 #endif
@@ -207,4 +208,43 @@ PYBIND11_MODULE(_C, m) {
         py::arg("norm_dev"), py::arg("skip_dev"), py::arg("grad_mul_dev"), py::arg("device"),
         py::arg("stream"), "CUDA: norm, skip flag and gradient multiplier computed on the device.");
 #endif
+  // ---- distributed (issue 5): gradient-bucket kernels (csrc/comm) ----
+  py::class_<tp::BucketParams>(m, "BucketParams")
+      .def(py::init([](std::uintptr_t rows, std::uintptr_t host_rows, int64_t n, int64_t total, DType dtype,
+                       std::uintptr_t bucket, DType wire_dtype, double scale) {
+             if (n < 0 || total < 0) throw std::invalid_argument("BucketParams: n and total must be >= 0");
+             if (n > 0 && (rows == 0 || host_rows == 0 || bucket == 0))
+               throw std::invalid_argument("BucketParams: rows, host_rows and bucket must be set");
+             for (DType d : {dtype, wire_dtype}) {
+               const int tag = static_cast<int>(d);
+               if (tag < 0 || tag > 3) throw std::invalid_argument("BucketParams: unknown dtype tag " + std::to_string(tag));
+             }
+             return tp::BucketParams{tp::TensorTable{as_ptr<const int64_t>(rows), as_ptr<const int64_t>(host_rows), n,
+                                                     total, nullptr, dtype, 0},
+                                     as_ptr<void>(bucket), wire_dtype, scale};
+           }),
+           py::kw_only(), py::arg("rows"), py::arg("host_rows"), py::arg("n"), py::arg("total"), py::arg("dtype"),
+           py::arg("bucket"), py::arg("wire_dtype"), py::arg("scale") = 1.0)
+      .def_readwrite("scale", &tp::BucketParams::scale);
+  auto bucket_op = [](bool pack) {
+    return [pack](const tp::BucketParams& p, int num_threads, int device, std::uintptr_t stream) {
+      if (p.tensors.n == 0) return;
+      py::gil_scoped_release release;
+      if (device < 0) {
+        const tp::CommCpuKernels& k = tp::comm_cpu_kernels();
+        (pack ? k.pack : k.unpack)(p, num_threads);
+        return;
+      }
+#ifdef TP_WITH_CUDA
+      (pack ? tp::cuda::bucket_pack : tp::cuda::bucket_unpack)(p, device, stream);
+#else
+      (void)stream;
+      no_cuda();
+#endif
+    };
+  };
+  m.def("bucket_pack", bucket_op(true), py::arg("params"), py::arg("num_threads"), py::arg("device") = -1,
+        py::arg("stream") = 0, "bucket[off_i + j] = wire(tensor_i[j] * scale); absent tensors pack as zeros.");
+  m.def("bucket_unpack", bucket_op(false), py::arg("params"), py::arg("num_threads"), py::arg("device") = -1,
+        py::arg("stream") = 0, "tensor_i[j] = dtype(bucket[off_i + j] * scale); absent tensors are skipped.");
 }

@@ -329,6 +329,53 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     self._kernel(bucket.table, group, control, threads)
         return loss
 
+    # ----- stepping a subset (trainpatterns.distributed: update each bucket once it is reduced) -----
+
+    def step_subset(self, params: Iterable[torch.Tensor]) -> None:
+        """Step only ``params`` (parameters of this optimizer) with their groups' current
+        hyperparameters: the same update :meth:`step` gives them; the others keep their values and
+        state, and parameters without a gradient are skipped. ``SyncDataParallel(optimizer=...)``
+        calls it per bucket as soon as that bucket's all-reduce completes.
+
+        The pointer tables of each subset are cached like the full step's (in ``_plans``, so
+        ``load_state_dict`` and ``add_param_group`` invalidate them too). A subset table owns the
+        step counts of its parameters (``state["step"]`` are views into it), so building one drops
+        the full step's tables, and a subset table whose counts were taken over is rebuilt. Not with
+        ``max_grad_norm`` or a GradScaler: they need every gradient before any update."""
+        if self.max_grad_norm is not None:
+            raise RuntimeError("step_subset cannot clip by the global gradient norm (max_grad_norm is set): "
+                               "the norm needs every gradient before the first update")
+        params = list(params)
+        key = ("subset", tuple(map(id, params)))
+        where = self._plans.get(key)
+        if where is None:  # (group index, positions in the group) of each requested parameter
+            wanted = set(key[1])
+            where = [(gi, [i for i, p in enumerate(g["params"]) if id(p) in wanted])
+                     for gi, g in enumerate(self.param_groups)]
+            where = [(gi, idx) for gi, idx in where if idx]
+            if sum(len(idx) for _, idx in where) != len(wanted):
+                raise ValueError("step_subset: some of the given tensors are not parameters of this optimizer")
+            self._plans[key] = where
+        control = _kernels.grad_control(1.0)
+        threads = torch.get_num_threads()
+        with torch.no_grad():
+            for gi, idx in where:
+                group = self.param_groups[gi]
+                grads = [None] * len(group["params"])
+                for i in idx:
+                    grads[i] = group["params"][i].grad
+                plan = self._plans.get(key + (gi,))
+                if (plan is None or not all(map(operator.is_, grads, plan.grads)) or plan.tensors_moved()
+                        or (self._public_step and any(
+                            self.state[group["params"][b.indices[0]]]["step"]._base is not b.table.steps
+                            for b in plan.buckets))):
+                    plan = self._build_plan(gi, group, grads)
+                    self._plans[key + (gi,)] = plan
+                    for stale in [k for k in self._plans if isinstance(k, int)]:
+                        del self._plans[stale]
+                for bucket in plan.buckets:
+                    self._kernel(bucket.table, group, control, threads)
+
     def _kernel(self, table: _kernels.KernelTable, group: dict, control, threads: int) -> None:
         raise NotImplementedError
 

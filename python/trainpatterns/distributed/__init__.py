@@ -1,0 +1,94 @@
+"""trainpatterns.distributed: distribution strategies over torch.distributed.
+
+``init_from_env()`` joins the job torchrun (or any launcher setting its environment variables)
+started; ``SyncDataParallel`` is the synchronous data-parallel strategy (sync.py). We never write our
+own transport: NCCL on GPU, gloo on CPU, single or multi node, all through torch.distributed.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from .sync import SyncDataParallel
+
+__all__ = ["init_from_env", "DistInfo", "SyncDataParallel"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands in the job. ``backend`` is None for a single process (nothing was
+    initialised); ``device`` is where its model and batches belong (``cuda:LOCAL_RANK`` or cpu)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: Optional[str]
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0 (the rank that logs and writes checkpoints)."""
+        return self.rank == 0
+
+
+def _env_int(name: str, default: Optional[int] = None) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        if default is None:
+            raise RuntimeError(f"init_from_env: environment variable {name} is not set (launch with torchrun)")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"init_from_env: environment variable {name}={raw!r} is not an integer") from None
+
+
+def init_from_env(backend: Optional[str] = None, *,
+                  timeout: Union[float, datetime.timedelta, None] = None) -> DistInfo:
+    """Initialise ``torch.distributed`` from torchrun's environment and return this process's place.
+
+    Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and, through ``env://``, ``MASTER_ADDR`` and
+    ``MASTER_PORT``). ``backend`` defaults to ``"nccl"`` when CUDA is available and ``"gloo"``
+    otherwise; a mixed group such as ``"cpu:gloo,cuda:nccl"`` is passed through. With NCCL the
+    process's device is set to ``cuda:LOCAL_RANK``. ``timeout`` (seconds or a timedelta) bounds
+    every collective: when a rank dies, the others raise within it instead of hanging (default:
+    torch's). A single process (``WORLD_SIZE`` unset or 1) initialises nothing. Calling it again
+    once initialised returns the same information.
+    """
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"init_from_env: RANK={rank} is not in [0, WORLD_SIZE={world_size})")
+    cuda = torch.cuda.is_available()
+    if backend is None:
+        backend = "nccl" if cuda else "gloo"
+    if "nccl" in backend and not cuda:
+        raise RuntimeError(f"init_from_env: backend {backend!r} needs CUDA, but no GPU is available; use 'gloo'")
+    uses_cuda = "nccl" in backend
+    if uses_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"init_from_env: LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} "
+                               f"GPUs are visible")
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if uses_cuda else torch.device("cpu")
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
+    if world_size == 1:
+        return DistInfo(0, 1, local_rank, device, None)
+    kwargs = {}
+    if timeout is not None:
+        if not isinstance(timeout, datetime.timedelta):
+            if not timeout > 0:
+                raise ValueError(f"init_from_env: timeout must be > 0 seconds, got {timeout}")
+            timeout = datetime.timedelta(seconds=float(timeout))
+        kwargs["timeout"] = timeout
+    if uses_cuda and backend == "nccl":
+        kwargs["device_id"] = device  # eager NCCL init, bound to this rank's GPU
+    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size, **kwargs)
+    return DistInfo(rank, world_size, local_rank, device, dist.get_backend())

@@ -1,0 +1,400 @@
+"""SyncDataParallel: synchronous data parallelism with bucketed, overlapped gradient all-reduce.
+
+Every rank holds the whole model and trains on its own slice of each batch; after each backward the
+gradients are averaged over the ranks, so every rank takes the same optimizer step and the
+parameters stay identical. How (the design of torch DDP, with fused native bucket kernels):
+
+* At wrap time the trainable parameters are split into buckets in reverse registration order (the
+  order backward produces gradients), by dtype, about ``bucket_mb`` each (the first one smaller, as
+  in DDP, so communication starts early); identical on every rank. Each bucket owns a flat buffer;
+  after the first step every ``.grad`` is a view into it, so autograd accumulates straight into the
+  bucket and no copy is needed.
+* A post-accumulate-grad hook marks a parameter ready; when all parameters of a bucket (and of every
+  bucket before it: all ranks launch in the same order) are ready, one native pass packs the bucket
+  (gradients that are not yet views are copied in, absent ones count as zeros), scales it by
+  1/world_size and, with ``compress``, casts it to bfloat16/float16; then an asynchronous
+  ``all_reduce`` starts while backward goes on. At the end of backward (a queued autograd callback)
+  the remaining buckets are launched, each is waited for in order, unpacked (cast back) and, with
+  ``optimizer=``, that bucket's parameters are stepped while later buckets are still in flight.
+* Each bucket also carries one "has a gradient" flag per parameter, so a parameter that got no
+  gradient on a rank counts as zeros there, and one that got none on any rank keeps ``.grad = None``
+  (exactly what a single process on the whole batch would see). No extra collective is needed.
+
+Invariants: all trainable parameters are dense and on one device, and every rank wraps the same
+architecture (checked at wrap time). Frozen parameters (``requires_grad=False`` at wrap time) are
+never communicated. Collectives inherit the process group's timeout; a failed or timed-out
+all-reduce raises a RuntimeError naming the bucket and the rank from ``backward()``.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .. import _kernels
+
+__all__ = ["SyncDataParallel"]
+
+_WIRE_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Bucket slots start on multiples of this many elements (64 bytes of float32), so the kernels' vector
+# loads line up; the gaps stay zero and cost nothing in the sum.
+_SLOT_ALIGN = 16
+_MIB = 1024 * 1024
+
+
+def _align(n: int) -> int:
+    return (n + _SLOT_ALIGN - 1) // _SLOT_ALIGN * _SLOT_ALIGN
+
+
+@dataclass
+class _Bucket:
+    """One all-reduce unit: parameters of one dtype, their slots in a flat buffer, a flag per
+    parameter after the slots. ``wire`` is what is all-reduced: ``flat`` itself, or a 16-bit copy."""
+
+    index: int
+    params: list
+    names: list
+    flat: torch.Tensor  # parameter dtype: [slots | flags]; grads are views into the slots
+    wire: torch.Tensor  # flat, or a bfloat16/float16 buffer of the same length
+    views: list  # per parameter, its slot viewed with the parameter's shape
+    flags: torch.Tensor  # view of flat's tail: 1 where this rank had a gradient (scaled with the rest)
+    pack_table: _kernels.BucketTable  # params' gradients (or absent) + the flags -> wire
+    unpack_table: Optional[_kernels.BucketTable]  # wire -> flat (compression only)
+    ready: list = field(default_factory=list)
+    n_ready: int = 0
+    had_grad: list = field(default_factory=list)  # per parameter, for this round
+    work: Optional[object] = None
+
+
+class SyncDataParallel(nn.Module):
+    """Wrap ``module`` for synchronous data-parallel training over ``torch.distributed``.
+
+    Args:
+        module: the model; its parameters and buffers are broadcast from rank 0 here.
+        bucket_mb: bucket size in MiB of gradients (DDP's ``bucket_cap_mb``). A parameter larger
+            than this gets a bucket of its own.
+        compress: ``None`` (all-reduce in the gradient dtype), ``"bf16"`` or ``"fp16"``: gradients
+            are cast for the wire and back, halving the bytes moved (works on CPU/gloo too).
+        process_group: the group to average over (default: the world).
+        first_bucket_mb: cap of the first bucket (the last layers' gradients), so that the first
+            all-reduce starts early in backward, as DDP does.
+        broadcast_buffers: broadcast buffers (e.g. BatchNorm statistics) from rank 0 before every
+            training-mode forward, as DDP does.
+        optimizer: a trainpatterns fused optimizer over these parameters. When given, ``backward()``
+            also steps it, bucket by bucket, as soon as each bucket's all-reduce completes (the
+            update overlaps the remaining communication): do not call ``optimizer.step()`` yourself.
+            Not with ``max_grad_norm`` (it needs every gradient first).
+
+    Without an initialised process group (a single process) the wrapper changes nothing but keeps
+    the same behaviour (``optimizer=`` included), so one script runs with and without torchrun.
+    """
+
+    def __init__(self, module: nn.Module, bucket_mb: float = 25, compress: Optional[str] = None, *,
+                 process_group: Optional[dist.ProcessGroup] = None, first_bucket_mb: float = 1.0,
+                 broadcast_buffers: bool = True, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"SyncDataParallel wraps an nn.Module, got {type(module).__name__}")
+        if not bucket_mb > 0 or not first_bucket_mb > 0:
+            raise ValueError(f"bucket_mb and first_bucket_mb must be > 0, got {bucket_mb} and {first_bucket_mb}")
+        if compress not in _WIRE_DTYPES:
+            raise ValueError(f"compress must be None, 'bf16' or 'fp16', got {compress!r}")
+        self.module = module
+        self.compress = compress
+        self.bucket_mb = float(bucket_mb)
+        self.broadcast_buffers = bool(broadcast_buffers)
+        self._group = process_group
+        self._distributed = dist.is_available() and dist.is_initialized()
+        if process_group is not None and not self._distributed:
+            raise RuntimeError("SyncDataParallel: a process_group was given but torch.distributed is not initialised")
+        self.world_size = dist.get_world_size(process_group) if self._distributed else 1
+        self.rank = dist.get_rank(process_group) if self._distributed else 0
+        self._src = dist.get_global_rank(process_group, 0) if self._distributed and process_group else 0
+
+        named = [(n, p) for n, p in module.named_parameters()]
+        self._frozen = [(n, p) for n, p in named if not p.requires_grad]
+        trainable = [(n, p) for n, p in named if p.requires_grad]
+        devices = {p.device for _, p in named} | {b.device for b in module.buffers()}
+        if len(devices) > 1:
+            raise ValueError(f"SyncDataParallel needs the module on one device, found {sorted(map(str, devices))}")
+        for n, p in trainable:
+            if p.dtype not in _kernels.BUCKET_DTYPES:
+                raise TypeError(f"parameter {n!r}: dtype {p.dtype} cannot be all-reduced by the bucket kernels "
+                                f"(float32, float16, bfloat16, float64)")
+            if p.layout is not torch.strided:
+                raise TypeError(f"parameter {n!r}: layout {p.layout} is not supported (dense parameters only)")
+
+        self._check_same_model(named)
+        self._broadcast([p.detach() for _, p in named] + list(module.buffers()))
+        self._buckets = self._make_buckets(trainable, first_bucket_mb)
+        self._sync = True
+        self._round_open = False  # a backward with synchronisation is in progress
+        self._next_launch = 0
+        self._optimizer = None
+        if optimizer is not None:
+            self._attach_optimizer(optimizer)
+        self._hooks = [p.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, b.index, k))
+                       for b in self._buckets for k, p in enumerate(b.params)]
+
+    # ----- wrap time -----------------------------------------------------------------------------
+
+    def _check_same_model(self, named: list) -> None:
+        """Raise on every rank if the ranks do not wrap the same architecture (a mismatch would
+        otherwise hang or silently mix unrelated tensors)."""
+        if not self._distributed:
+            return
+        sig = torch.zeros(3, dtype=torch.int64)
+        for i, (_, p) in enumerate(named):
+            sig[0] += 1
+            sig[1] += p.numel()
+            sig[2] += (i + 1) * (p.numel() + 7 * int(p.requires_grad) + 131 * _dtype_code(p.dtype))
+        both = torch.cat([sig, -sig])
+        dev = named[0][1].device if named else torch.device("cpu")
+        both = both.to(dev)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self._group)
+        both = both.cpu()
+        if not torch.equal(both[:3], -both[3:]):
+            raise RuntimeError(
+                f"SyncDataParallel: rank {self.rank} wraps a model that differs from another rank's "
+                f"(parameter count, sizes, dtypes or requires_grad); every rank must wrap the same architecture")
+
+    def _broadcast(self, tensors: list) -> None:
+        """Copy rank 0's values into ``tensors`` on every rank, a few coalesced broadcasts."""
+        if not self._distributed or self.world_size == 1 or not tensors:
+            return
+        cap = max(1, int(self.bucket_mb * _MIB))
+        groups: dict = {}
+        for t in tensors:
+            groups.setdefault((t.dtype, t.device), []).append(t)
+        with torch.no_grad():
+            for chunk in (c for ts in groups.values() for c in _chunks(ts, cap)):
+                flat = torch.cat([t.reshape(-1) for t in chunk])
+                dist.broadcast(flat, src=self._src, group=self._group)
+                for t, piece in zip(chunk, flat.split([t.numel() for t in chunk])):
+                    t.copy_(piece.view_as(t))
+
+    def _make_buckets(self, trainable: list, first_bucket_mb: float) -> list:
+        """Reverse registration order, split by dtype and size: the same on every rank."""
+        cap_first = int(min(first_bucket_mb, self.bucket_mb) * _MIB)
+        cap = int(self.bucket_mb * _MIB)
+        groups: list = []
+        size, full = 0, False
+        for name, p in reversed(trainable):
+            # As DDP: a bucket closes once it reaches its cap (the parameter that crosses it stays in).
+            if not groups or full or groups[-1][0][1].dtype != p.dtype:
+                groups.append([])
+                size, full = 0, False
+            groups[-1].append((name, p))
+            size += p.numel() * p.element_size()
+            full = size >= (cap_first if len(groups) == 1 else cap)
+        return [self._make_bucket(i, g) for i, g in enumerate(groups)]
+
+    def _make_bucket(self, index: int, members: list) -> _Bucket:
+        names = [n for n, _ in members]
+        params = [p for _, p in members]
+        offsets, off = [], 0
+        for p in params:
+            offsets.append(off)
+            off = _align(off + p.numel())
+        flag_off = off
+        n = len(params)
+        dtype, device = params[0].dtype, params[0].device
+        flat = torch.zeros(flag_off + n, dtype=dtype, device=device)
+        wire_dtype = _WIRE_DTYPES[self.compress] or dtype
+        wire = flat if wire_dtype == dtype else torch.zeros(flat.numel(), dtype=wire_dtype, device=device)
+        views = [flat[o:o + p.numel()].view(p.shape) for o, p in zip(offsets, params)]
+        flags = flat[flag_off:]
+        numels = [p.numel() for p in params] + [n]
+        pack_table = _kernels.make_bucket_table(numels, offsets + [flag_off], dtype, device)
+        unpack_table = None
+        if wire is not flat:
+            unpack_table = _kernels.make_bucket_table([flat.numel()], [0], dtype, device, [flat])
+        return _Bucket(index, params, names, flat, wire, views, flags, pack_table, unpack_table,
+                       [False] * n, 0, [False] * n)
+
+    def _attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        from ..optim import _FusedOptimizer
+
+        if not isinstance(optimizer, _FusedOptimizer):
+            raise TypeError(f"optimizer= needs a trainpatterns fused optimizer (FusedAdamW, FusedAdam, FusedSGD, "
+                            f"FusedAdagrad), got {type(optimizer).__name__}")
+        if optimizer.max_grad_norm is not None:
+            raise ValueError("optimizer= cannot step bucket by bucket with max_grad_norm set: clipping by the global "
+                             "norm needs every gradient first; call optimizer.step() after backward instead")
+        known = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        for b in self._buckets:
+            for name, p in zip(b.names, b.params):
+                if id(p) not in known:
+                    raise ValueError(f"optimizer= does not hold parameter {name!r}: it would never be updated")
+        self._optimizer = optimizer
+
+    # ----- training ------------------------------------------------------------------------------
+
+    def forward(self, *args, **kwargs):
+        if self._frozen:
+            for name, p in self._frozen:
+                if p.requires_grad:
+                    raise RuntimeError(f"parameter {name!r} was frozen when the model was wrapped and now requires "
+                                       f"grad: its gradient would never be averaged; wrap the model again")
+        if self.broadcast_buffers and self.training and self._distributed:
+            self._broadcast(list(self.module.buffers()))
+        return self.module(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside accumulate gradients locally; the next backward outside averages
+        the accumulated sums (gradient accumulation without communication)."""
+        previous = self._sync
+        self._sync = False
+        try:
+            yield
+        finally:
+            self._sync = previous
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``nn.Module.zero_grad``. With ``set_to_none=False`` each bucket is zeroed in one fill and
+        the gradients stay bucket views (the next backward needs no copy at all)."""
+        if set_to_none:
+            super().zero_grad(set_to_none=True)
+            return
+        for b in self._buckets:
+            b.flat.zero_()
+            for p, view in zip(b.params, b.views):
+                if p.grad is not None and p.grad is not view:
+                    p.grad.zero_()
+
+    # ----- the reduction -------------------------------------------------------------------------
+
+    def _grad_ready(self, bi: int, k: int, param: torch.Tensor) -> None:
+        """Post-accumulate-grad hook of parameter k of bucket bi."""
+        if not self._sync:
+            return
+        if not self._round_open:
+            self._open_round()
+        b = self._buckets[bi]
+        if b.ready[k]:
+            return
+        b.ready[k] = True
+        b.n_ready += 1
+        while self._next_launch < len(self._buckets):
+            nb = self._buckets[self._next_launch]
+            if nb.n_ready < len(nb.params):
+                break
+            self._launch(nb)
+            self._next_launch += 1
+
+    def _open_round(self) -> None:
+        self._round_open = True
+        self._next_launch = 0
+        for b in self._buckets:
+            b.ready = [False] * len(b.params)
+            b.n_ready = 0
+            b.work = None
+        torch.autograd.Variable._execution_engine.queue_callback(self._finish_round)
+
+    def _launch(self, b: _Bucket) -> None:
+        """Pack (copy what is not a view yet, zeros where absent, scale, cast) and start the all-reduce."""
+        tensors = []
+        for k, (p, view) in enumerate(zip(b.params, b.views)):
+            g = p.grad
+            if g is None:
+                b.had_grad[k] = False
+            else:
+                b.had_grad[k] = True
+                if g is not view:
+                    g = self._checked_stray(b, k, g)
+            tensors.append(g)
+        if all(b.had_grad):
+            b.flags.fill_(1)
+        else:
+            b.flags.copy_(torch.tensor(b.had_grad, dtype=b.flags.dtype))
+        tensors.append(b.flags)
+        b.pack_table.set_tensors(tensors)
+        _kernels.bucket_pack(b.pack_table, b.wire, 1.0 / self.world_size)
+        if self._distributed:
+            try:
+                b.work = dist.all_reduce(b.wire, group=self._group, async_op=True)
+            except Exception as e:
+                raise self._comm_error(b, e) from e
+
+    def _checked_stray(self, b: _Bucket, k: int, g: torch.Tensor) -> torch.Tensor:
+        """A gradient that is not the bucket view (first step, or after zero_grad(set_to_none=True))."""
+        if g.layout is not torch.strided:
+            raise RuntimeError(f"parameter {b.names[k]!r}: sparse gradients cannot be all-reduced by SyncDataParallel "
+                               f"(use a dense embedding)")
+        p = b.params[k]
+        if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+            raise RuntimeError(f"parameter {b.names[k]!r}: gradient {tuple(g.shape)} {g.dtype} on {g.device} does not "
+                               f"match the parameter {tuple(p.shape)} {p.dtype} on {p.device}")
+        return g if g.is_contiguous() else g.contiguous()
+
+    def _finish_round(self) -> None:
+        """End of backward: launch what is left, in order, then wait, unpack and install the grads."""
+        try:
+            while self._next_launch < len(self._buckets):
+                self._launch(self._buckets[self._next_launch])
+                self._next_launch += 1
+            for b in self._buckets:
+                self._complete(b)
+        finally:
+            self._round_open = False
+            for b in self._buckets:
+                b.work = None
+
+    def _complete(self, b: _Bucket) -> None:
+        if b.work is not None:
+            try:
+                b.work.wait()
+            except Exception as e:
+                raise self._comm_error(b, e) from e
+        if b.unpack_table is not None:
+            _kernels.bucket_unpack(b.unpack_table, b.wire, 1.0)
+        if all(b.had_grad):
+            for p, view in zip(b.params, b.views):
+                if p.grad is not view:
+                    p.grad = view
+        else:
+            # Sums of the flags (each 1/world where a rank had a gradient): > 0 iff some rank had one.
+            somewhere = b.flags.tolist()
+            for k, (p, view) in enumerate(zip(b.params, b.views)):
+                if b.had_grad[k] or somewhere[k] > 0:
+                    if p.grad is not view:
+                        p.grad = view
+        if self._optimizer is not None:
+            self._optimizer.step_subset(b.params)
+
+    def _comm_error(self, b: _Bucket, e: Exception) -> RuntimeError:
+        return RuntimeError(
+            f"SyncDataParallel: the all-reduce of gradient bucket {b.index} ({len(b.params)} parameters, first "
+            f"{b.names[0]!r}) failed on rank {self.rank} of {self.world_size}: {type(e).__name__}: {e}. Another rank "
+            f"probably died or stalled (collectives give up after the process group's timeout, "
+            f"init_from_env(timeout=...)); restart the job from the last checkpoint (torchrun --max-restarts)")
+
+    # ----- introspection -------------------------------------------------------------------------
+
+    @property
+    def bucket_params(self) -> list:
+        """The parameter names of each bucket, in all-reduce order (the same on every rank)."""
+        return [list(b.names) for b in self._buckets]
+
+
+def _chunks(tensors: list, cap_bytes: int) -> Iterator[list]:
+    chunk, size = [], 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if chunk and size + nbytes > cap_bytes:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(t)
+        size += nbytes
+    if chunk:
+        yield chunk
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    return {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4}.get(dtype, 5)
