@@ -5,7 +5,8 @@ Run as ``python tests/_sync_worker.py SCENARIO OUTDIR`` with torchrun's variable
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); it joins the job with
 ``trainpatterns.distributed.init_from_env`` and saves what the test checks to
 ``OUTDIR/SCENARIO_rank{RANK}.pt``. Scenario "all" runs every training scenario in one process pair
-(process start-up dominates the cost); "die" makes rank 1 exit in the middle of a backward.
+(process start-up dominates the cost); "die" and "stall" make rank 1 exit or hang in the middle
+of a backward.
 """
 from __future__ import annotations
 
@@ -88,6 +89,8 @@ def make_optimizer(kind: str, params):
         return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
     if kind == "fused_adamw":
         return tp.FusedAdamW(params, lr=1e-2, weight_decay=0.1)
+    if kind == "sgd_small":
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9)
     return torch.optim.SGD(params, lr=0.1)
 
 
@@ -97,7 +100,7 @@ SCENARIOS = {
     "bf16": ("irregular", "sgd", {"compress": "bf16"}, 1),
     "fp16": ("irregular", "sgd", {"compress": "fp16"}, 1),
     "no_sync": ("irregular", "adamw", {}, 3),
-    "buckets": ("tiny", "adamw", {"bucket_mb": 0.0001, "first_bucket_mb": 0.0001}, 1),
+    "buckets": ("tiny", "sgd_small", {"bucket_mb": 0.0001, "first_bucket_mb": 0.0001}, 1),
     "overlap_optim": ("irregular", "fused_adamw", {"bucket_mb": 0.002}, 1),
 }
 
@@ -112,7 +115,6 @@ def loss_on(model, kind: str, step: int, micro: int, rows: slice, rank_of_rows: 
 def reference(scenario: str) -> dict:
     """Single process, one model, each step on the concatenation of every rank's (micro-)batches."""
     kind, opt_kind, _, micros = SCENARIOS[scenario]
-    torch.set_num_threads(1)
     model = make_model(kind)
     opt = make_optimizer(opt_kind, [p for p in model.parameters() if p.requires_grad])
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -160,15 +162,24 @@ class _nothing:
         return False
 
 
-def die(rank: int, outdir: str) -> dict:
-    """Rank 1 exits inside its second backward; rank 0 must raise within the timeout."""
+def fail(rank: int, how: str) -> dict:
+    """Rank 1 exits ("die") or hangs ("stall") inside its second backward, after launching some
+    buckets; rank 0 must raise a clear error, at once for a dead peer, within the timeout for a
+    silent one."""
     from trainpatterns.distributed import SyncDataParallel
 
     model = make_model("irregular")
     ddp = SyncDataParallel(model, bucket_mb=0.002)
     rows = slice(rank * BATCH, (rank + 1) * BATCH)
+
+    def misbehave(p):
+        if step == 1:
+            if how == "die":
+                os._exit(3)
+            time.sleep(120)
+
     if rank == 1:
-        model.inp.weight.register_post_accumulate_grad_hook(lambda p: os._exit(3) if step == 1 else None)
+        model.inp.weight.register_post_accumulate_grad_hook(misbehave)
     t0 = time.monotonic()
     try:
         for step in range(3):
@@ -186,8 +197,8 @@ def main() -> None:
 
     info = init_from_env(timeout=float(os.environ.get("TP_TEST_TIMEOUT", "20")))
     assert info.world_size == WORLD and info.backend == "gloo", info
-    if scenario == "die":
-        out = die(info.rank, outdir)
+    if scenario in ("die", "stall"):
+        out = fail(info.rank, scenario)
     else:
         names = list(SCENARIOS) if scenario == "all" else [scenario]
         out = {name: run_scenario(name, info.rank) for name in names}

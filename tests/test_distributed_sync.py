@@ -1,0 +1,309 @@
+"""trainpatterns.distributed: the bucket kernels against plain torch, FusedOptimizer.step_subset
+against a full step, and SyncDataParallel on 2 gloo processes (127.0.0.1) against a single process
+trained on the concatenated batches (tests/_sync_worker.py runs the ranks and the references).
+
+Every multi-process run has a hard timeout and kills what is left of it; one process pair runs all
+training scenarios, so the file takes ~20 s on 2 cores.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import trainpatterns as tp
+from trainpatterns import _kernels
+from trainpatterns.distributed import DistInfo, SyncDataParallel, init_from_env
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _sync_worker as W  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and _kernels.cuda_compiled() else [])
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+# ----- bucket kernels ---------------------------------------------------------------------------
+
+def _math(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.float64 in (a, b) else torch.float32
+
+
+def _slots(numels, gap=5):
+    offsets, off = [], 0
+    for n in numels:
+        offsets.append(off)
+        off += n + gap  # gaps between slots must stay untouched
+    return offsets
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("wire", DTYPES)
+def test_pack_and_unpack_match_torch(device, dtype, wire):
+    torch.manual_seed(0)
+    numels = [7, 278011, 0, 1, 33, 4096]
+    tensors = [torch.randn(n, dtype=torch.float64).to(dtype).to(device) for n in numels]
+    tensors[3] = None  # absent: packs as zeros
+    offsets = _slots(numels)
+    table = _kernels.make_bucket_table(numels, offsets, dtype, device, tensors)
+    bucket = torch.full((table.span + 3,), 7.0, dtype=wire, device=device)
+    scale = 1.0 / 3.0
+    _kernels.bucket_pack(table, bucket, scale)
+    m = _math(dtype, wire)
+    touched = torch.zeros(bucket.numel(), dtype=torch.bool)
+    for t, o, n in zip(tensors, offsets, numels):
+        expect = torch.zeros(n, dtype=wire, device=device) if t is None else (t.to(m) * scale).to(wire)
+        torch.testing.assert_close(bucket[o:o + n], expect, rtol=0, atol=0)
+        touched[o:o + n] = True
+    assert bucket[~touched.to(device)].eq(7).all(), "pack wrote outside the slots"
+
+    outs = [torch.full((n,), -1.0, dtype=dtype, device=device) for n in numels]
+    outs[3] = None  # absent: skipped
+    back = _kernels.make_bucket_table(numels, offsets, dtype, device, outs)
+    _kernels.bucket_unpack(back, bucket, 3.0)
+    for out, o, n in zip(outs, offsets, numels):
+        if out is not None:
+            torch.testing.assert_close(out, (bucket[o:o + n].to(m) * 3.0).to(dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pack_in_place_when_the_tensor_is_its_own_slot(device):
+    flat = torch.randn(100003, device=device)
+    before = flat.clone()
+    views = [flat[0:50000], flat[50000:100003]]
+    table = _kernels.make_bucket_table([50000, 50003], [0, 50000], torch.float32, device, views)
+    _kernels.bucket_pack(table, flat, 0.5)
+    torch.testing.assert_close(flat, before * 0.5, rtol=0, atol=0)
+
+
+def test_bucket_kernels_threads_and_empty_table():
+    t = torch.randn(300007)
+    table = _kernels.make_bucket_table([t.numel()], [0], torch.float32, "cpu", [t])
+    b1, b2 = torch.empty(t.numel(), dtype=torch.bfloat16), torch.empty(t.numel(), dtype=torch.bfloat16)
+    _kernels.bucket_pack(table, b1, 0.5, num_threads=1)
+    _kernels.bucket_pack(table, b2, 0.5, num_threads=2)
+    assert torch.equal(b1, b2) and torch.equal(b1, (t * 0.5).bfloat16())
+    empty = _kernels.make_bucket_table([], [], torch.float32, "cpu", [])
+    _kernels.bucket_pack(empty, torch.empty(0), 0.5)  # nothing to do, no error
+    _kernels.bucket_unpack(empty, torch.empty(0), 0.5)
+
+
+def test_bucket_kernels_reject_bad_input():
+    with pytest.raises(ValueError, match="overlaps"):
+        _kernels.make_bucket_table([10, 10], [0, 5], torch.float32, "cpu")
+    with pytest.raises(TypeError, match="dtype torch.float64 does not match"):
+        _kernels.make_bucket_table([4], [0], torch.float32, "cpu", [torch.zeros(4, dtype=torch.float64)])
+    with pytest.raises(ValueError, match="5 elements but its bucket slot holds 4"):
+        _kernels.make_bucket_table([4], [0], torch.float32, "cpu", [torch.zeros(5)])
+    with pytest.raises(ValueError, match="not contiguous"):
+        _kernels.make_bucket_table([4], [0], torch.float32, "cpu", [torch.zeros(8)[::2]])
+    table = _kernels.make_bucket_table([4], [2], torch.float32, "cpu", [torch.zeros(4)])
+    with pytest.raises(ValueError, match="at least 6 elements"):
+        _kernels.bucket_pack(table, torch.zeros(5), 1.0)
+    with pytest.raises(TypeError, match="not supported"):
+        _kernels.bucket_pack(table, torch.zeros(6, dtype=torch.int32), 1.0)
+
+
+# ----- FusedOptimizer.step_subset ---------------------------------------------------------------
+
+def _params(seed: int):
+    torch.manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(n)) for n in (7, 278011, 33, 1)]
+
+
+@pytest.mark.parametrize("opt_cls", [tp.FusedAdamW, tp.FusedSGD])
+def test_step_subset_matches_a_full_step(opt_cls):
+    full, split = _params(0), _params(0)
+    kw = {"lr": 1e-2, "weight_decay": 0.1}
+    if opt_cls is tp.FusedSGD:
+        kw["momentum"] = 0.9
+    a = opt_cls(full, **kw)
+    b = opt_cls([{"params": split[:2]}, {"params": split[2:], "lr": 1e-2}], **kw)
+    for step in range(4):
+        torch.manual_seed(100 + step)
+        for p, q in zip(full, split):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        split[3].grad = full[3].grad = None if step == 1 else full[3].grad  # no gradient: skipped
+        a.step()
+        if step == 2:
+            b.step()  # a full step between subset steps keeps the step counts right
+        else:
+            b.step_subset([split[1], split[2]])
+            b.step_subset([split[0], split[3]])
+        for p, q in zip(full, split):
+            torch.testing.assert_close(q, p, rtol=0, atol=0)
+    for p, q in zip(full, split):
+        for k, v in a.state[p].items():
+            torch.testing.assert_close(b.state[q][k], v, rtol=0, atol=0)
+
+
+def test_step_subset_rejects_what_it_cannot_do():
+    ps = _params(0)
+    with pytest.raises(ValueError, match="not parameters of this optimizer"):
+        tp.FusedAdamW(ps[:2]).step_subset([ps[2]])
+    with pytest.raises(RuntimeError, match="max_grad_norm"):
+        tp.FusedAdamW(ps, max_grad_norm=1.0).step_subset(ps[:1])
+
+
+# ----- SyncDataParallel in one process ----------------------------------------------------------
+
+def test_single_process_is_plain_training(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    info = init_from_env()
+    assert info == DistInfo(0, 1, 0, torch.device("cpu"), None) and info.is_main
+    assert not torch.distributed.is_initialized()
+    ref = W.reference("overlap_optim")
+    model = W.make_model("irregular")
+    opt = tp.FusedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    ddp = SyncDataParallel(model, bucket_mb=0.002, optimizer=opt)
+    for step in range(W.STEPS):
+        opt.zero_grad()
+        loss = sum(W.loss_on(ddp, "irregular", step, 0, slice(r * W.BATCH, (r + 1) * W.BATCH), r)
+                   for r in range(W.WORLD)) / W.WORLD
+        loss.backward()  # steps the optimizer, bucket by bucket
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), ref["params"][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_bad_arguments_are_clear_errors():
+    model = W.make_model("irregular")
+    with pytest.raises(ValueError, match="compress must be"):
+        SyncDataParallel(model, compress="int8")
+    with pytest.raises(ValueError, match="bucket_mb"):
+        SyncDataParallel(model, bucket_mb=0)
+    with pytest.raises(TypeError, match="fused optimizer"):
+        SyncDataParallel(model, optimizer=torch.optim.AdamW(model.parameters()))
+    with pytest.raises(ValueError, match="does not hold parameter 'out.bias'"):
+        SyncDataParallel(model, optimizer=tp.FusedAdamW([model.inp.weight]))
+    ddp = SyncDataParallel(model)
+    model.frozen.weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="'frozen.weight' was frozen"):
+        ddp(torch.randn(2, 13), False)
+
+
+# ----- SyncDataParallel on 2 gloo processes ---------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_pair(scenario: str, tmp: Path, timeout_s: float, collective_timeout_s: float, wait_for=(0, 1)) -> list:
+    """Start 2 ranks of the worker and wait for the ranks in ``wait_for``; return their return
+    codes (None: still running after ``timeout_s``). Every process left is killed."""
+    port = _free_port()
+    pkg_root = str(Path(tp.__file__).resolve().parent.parent)
+    procs = []
+    t0 = time.monotonic()
+    try:
+        for rank in range(W.WORLD):
+            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(W.WORLD), LOCAL_RANK=str(rank),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                       TP_TEST_TIMEOUT=str(collective_timeout_s),
+                       PYTHONPATH=os.pathsep.join([pkg_root, os.environ.get("PYTHONPATH", "")]))
+            procs.append(subprocess.Popen([sys.executable, str(Path(W.__file__)), scenario, str(tmp)], env=env))
+        codes = []
+        for p in (procs[r] for r in wait_for):
+            left = max(0.1, timeout_s - (time.monotonic() - t0))
+            try:
+                codes.append(p.wait(timeout=left))
+            except subprocess.TimeoutExpired:
+                codes.append(None)
+        return codes
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sync")
+    codes = _run_pair("all", tmp, timeout_s=120, collective_timeout_s=60)
+    assert codes == [0, 0], f"worker return codes {codes} (None: killed after the timeout)"
+    return [torch.load(tmp / f"all_rank{r}.pt") for r in range(W.WORLD)]
+
+
+def _check_against_reference(two_ranks, scenario: str, rtol: float, atol: float) -> dict:
+    ref = W.reference(scenario)
+    r0, r1 = two_ranks[0][scenario], two_ranks[1][scenario]
+    for n in ref["params"]:
+        assert torch.equal(r0["params"][n], r1["params"][n]), f"{n} differs between the ranks"
+        torch.testing.assert_close(r0["params"][n], ref["params"][n], rtol=rtol, atol=atol, msg=n)
+    return ref
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("scenario", ["plain", "no_sync", "buckets", "overlap_optim"])
+def test_equals_single_process_on_the_concatenated_batch(two_ranks, scenario):
+    # float32 summation order is all that differs (the average of two half-batch means vs one mean).
+    _check_against_reference(two_ranks, scenario, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("scenario,eps", [("bf16", 2.0 ** -8), ("fp16", 2.0 ** -11)])
+def test_compressed_all_reduce_is_close(two_ranks, scenario, eps):
+    # SGD(lr) is linear in the gradients: each step moves a parameter by lr * g, and the wire
+    # rounds each rank's share and the sum once each (relative eps), so after STEPS steps
+    # |p - p_ref| <= 2 * STEPS * lr * max|g| * eps (lr = 0.1).
+    ref = W.reference(scenario)
+    atol = 2 * W.STEPS * 0.1 * ref["grad_max"] * eps
+    ref = _check_against_reference(two_ranks, scenario, rtol=0, atol=atol)
+    diff = max((two_ranks[0][scenario]["params"][n] - ref["params"][n]).abs().max().item() for n in ref["params"])
+    assert diff > 0, "16-bit wire yet bitwise equal to float32: the compression did not happen"
+
+
+@pytest.mark.timeout(180)
+def test_unused_and_frozen_parameters(two_ranks):
+    ref = W.reference("plain")
+    for r in range(W.WORLD):
+        res = two_ranks[r]["plain"]
+        communicated = {n for b in res["buckets"] for n in b}
+        assert not any(n.startswith("frozen.") for n in communicated)
+        for n in ("never.weight", "never.bias", "frozen.weight", "frozen.bias"):
+            # No rank used them: no gradient (None, as in one process), so AdamW's weight decay did
+            # not move them either.
+            assert res["grads"][n] is None, n
+            torch.testing.assert_close(res["params"][n], ref["init"][n], rtol=0, atol=0)
+        # The branch is used by rank 0 only (and by nobody on odd steps): it still trains, and
+        # equals the single-process result (checked for every parameter by test_equals_...).
+        assert not torch.equal(res["params"]["branch.weight"], ref["init"]["branch.weight"])
+
+
+@pytest.mark.timeout(180)
+def test_bucket_layout_edge_cases(two_ranks):
+    buckets = two_ranks[0]["buckets"]["buckets"]
+    assert buckets == two_ranks[1]["buckets"]["buckets"], "ranks disagree on the bucket order"
+    names = [n for b in buckets for n in b]
+    model = W.make_model("tiny")
+    expected = [n for n, p in model.named_parameters() if p.requires_grad][::-1]
+    assert names == expected, "every trainable parameter once, in reverse registration order"
+    assert ["big.weight"] in buckets, "a parameter larger than bucket_mb gets a bucket of its own"
+    assert ["scale64"] in buckets, "float64 and float32 parameters never share a bucket"
+    tiny_buckets = [b for b in buckets if any(n.startswith("tiny.") for n in b)]
+    assert len(tiny_buckets) > 3 and all(len(b) > 1 for b in tiny_buckets[:-1])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how,limit_s", [("die", 15.0), ("stall", 3.0 + 15.0)])
+def test_a_failed_rank_makes_the_other_raise_in_time(tmp_path, how, limit_s):
+    # "die": rank 1 exits mid-backward (the connection drops: rank 0 fails at once). "stall": rank 1
+    # hangs; rank 0 gives up after the 3 s collective timeout. Rank 1 is killed once rank 0 is done,
+    # or both at 60 s.
+    codes = _run_pair(how, tmp_path, timeout_s=60, collective_timeout_s=3.0, wait_for=(0,))
+    assert codes[0] == 0, f"rank 0 did not finish (return codes {codes})"
+    res = torch.load(tmp_path / f"{how}_rank0.pt")
+    assert res["error"] is not None, "rank 0 finished training although rank 1 was gone"
+    assert "SyncDataParallel: the all-reduce of gradient bucket" in res["error"]
+    assert "rank 0 of 2" in res["error"] and "died or stalled" in res["error"]
+    assert res["seconds"] < limit_s, f"rank 0 took {res['seconds']:.1f} s to notice"
