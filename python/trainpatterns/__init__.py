@@ -8,6 +8,9 @@ import torch  # noqa: F401  (loads torch's OpenMP runtime before ours)
 
 from ._kernels import build_info
 from .optim import FusedAdagrad, FusedAdam, FusedAdamW, FusedSGD
+# distributed (issue 5): synchronous data parallelism
+from . import distributed
+from .distributed import SyncDataParallel, init_from_env
 
 __version__ = "0.1.0"
 
@@ -17,5 +20,8 @@ __all__ = [
     "FusedSGD",
     "FusedAdagrad",
     "build_info",
+    "distributed",
+    "SyncDataParallel",
+    "init_from_env",
     "__version__",
 ]
