@@ -43,11 +43,12 @@ def main() -> None:
         for micro in range(args.accumulate):
             x = torch.randn(args.batch, 32, generator=gen)
             y = x @ true_w + 0.01 * torch.randn(args.batch, 1, generator=gen)
-            loss = F.mse_loss(ddp(x.to(info.device)), y.to(info.device)) / args.accumulate
             if micro < args.accumulate - 1:
                 with ddp.no_sync():  # accumulate locally, reduce once at the last micro-batch
+                    loss = F.mse_loss(ddp(x.to(info.device)), y.to(info.device)) / args.accumulate
                     loss.backward()
             else:
+                loss = F.mse_loss(ddp(x.to(info.device)), y.to(info.device)) / args.accumulate
                 loss.backward()
         if not args.overlap_step:
             opt.step()

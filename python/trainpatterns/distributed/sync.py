@@ -133,6 +133,7 @@ class SyncDataParallel(nn.Module):
         self._broadcast([p.detach() for _, p in named] + list(module.buffers()))
         self._buckets = self._make_buckets(trainable, first_bucket_mb)
         self._sync = True
+        self._sync_backward = True  # what the last forward decided
         self._round_open = False  # a backward with synchronisation is in progress
         self._next_launch = 0
         self._optimizer = None
@@ -241,14 +242,22 @@ class SyncDataParallel(nn.Module):
                 if p.requires_grad:
                     raise RuntimeError(f"parameter {name!r} was frozen when the model was wrapped and now requires "
                                        f"grad: its gradient would never be averaged; wrap the model again")
+        if self._round_open:
+            # The last backward stopped before its end (an exception): drop its half-done round.
+            self._round_open = False
+            for b in self._buckets:
+                b.work = None
+        # As in DDP, the forward decides whether its backward synchronises (no_sync around it or not).
+        self._sync_backward = self._sync
         if self.broadcast_buffers and self.training and self._distributed:
             self._broadcast(list(self.module.buffers()))
         return self.module(*args, **kwargs)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
-        """Backward passes inside accumulate gradients locally; the next backward outside averages
-        the accumulated sums (gradient accumulation without communication)."""
+        """The backward of a forward run inside accumulates gradients locally (as in DDP, the forward
+        decides: put the forward, or forward and backward, inside); the next synchronised backward
+        averages the accumulated sums. Gradient accumulation without communication."""
         previous = self._sync
         self._sync = False
         try:
@@ -272,7 +281,7 @@ class SyncDataParallel(nn.Module):
 
     def _grad_ready(self, bi: int, k: int, param: torch.Tensor) -> None:
         """Post-accumulate-grad hook of parameter k of bucket bi."""
-        if not self._sync:
+        if not self._sync_backward:
             return
         if not self._round_open:
             self._open_round()
