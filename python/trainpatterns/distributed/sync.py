@@ -90,8 +90,9 @@ class SyncDataParallel(nn.Module):
             update overlaps the remaining communication): do not call ``optimizer.step()`` yourself.
             Not with ``max_grad_norm`` (it needs every gradient first).
 
-    Without an initialised process group (a single process) the wrapper changes nothing but keeps
-    the same behaviour (``optimizer=`` included), so one script runs with and without torchrun.
+    Without an initialised process group (a single process) nothing is communicated but the
+    behaviour is the same (``optimizer=`` and the ``compress`` rounding included), so one script runs
+    with and without torchrun.
     """
 
     def __init__(self, module: nn.Module, bucket_mb: float = 25, compress: Optional[str] = None, *,
