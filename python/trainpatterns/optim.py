@@ -365,10 +365,19 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 for i in idx:
                     grads[i] = group["params"][i].grad
                 plan = self._plans.get(key + (gi,))
-                if (plan is None or not all(map(operator.is_, grads, plan.grads)) or plan.tensors_moved()
-                        or (self._public_step and any(
+                # The full step's checks (_plan), plus: the step counts are still this table's.
+                if (plan is not None and plan.same_active_set(grads) and plan.params_in_place()
+                        and not (self._public_step and any(
                             self.state[group["params"][b.indices[0]]]["step"]._base is not b.table.steps
                             for b in plan.buckets))):
+                    picked = plan.pick(grads)
+                    if not plan.same_grads(picked):
+                        self._refresh_grads(gi, plan, grads, picked)
+                    elif not plan.grads_in_place(picked):
+                        plan = None
+                else:
+                    plan = None
+                if plan is None:
                     plan = self._build_plan(gi, group, grads)
                     self._plans[key + (gi,)] = plan
                     for stale in [k for k in self._plans if isinstance(k, int)]:
