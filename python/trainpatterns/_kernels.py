@@ -280,6 +280,12 @@ class BucketTable:
         if self.device.type == "cuda":
             self.rows = self.host_rows.clone().pin_memory().to(self.device, non_blocking=True)
 
+    def release(self) -> None:
+        """Drop the references to the tensors once the launch that used them is queued (the caching
+        allocator orders any reuse of their memory after it on the stream); the next launch must
+        call :meth:`set_tensors` first."""
+        self.tensors = [None] * self.n
+
 
 def make_bucket_table(numels: Sequence[int], offsets: Sequence[int], dtype: torch.dtype,
                       device: torch.device, tensors: Optional[Sequence[Optional[torch.Tensor]]] = None) -> BucketTable:

@@ -326,6 +326,7 @@ class SyncDataParallel(nn.Module):
         tensors.append(b.flags)
         b.pack_table.set_tensors(tensors)
         _kernels.bucket_pack(b.pack_table, b.wire, 1.0 / self.world_size)
+        b.pack_table.release()  # gradients that were copied in may be freed now
         if self._distributed:
             try:
                 b.work = dist.all_reduce(b.wire, group=self._group, async_op=True)
