@@ -166,10 +166,17 @@ def fail(rank: int, how: str) -> dict:
     """Rank 1 exits ("die") or hangs ("stall") inside its second backward, after launching some
     buckets; rank 0 must raise a clear error, at once for a dead peer, within the timeout for a
     silent one."""
+    import datetime
+
+    import torch.distributed as dist
     from trainpatterns.distributed import SyncDataParallel
 
+    # A group with a short timeout for the training collectives; the job itself was initialised
+    # with a long one, so that slow process start-ups on a loaded machine cannot fail the rendezvous.
+    seconds = float(os.environ.get("TP_TEST_GROUP_TIMEOUT", "3"))
+    group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=seconds))
     model = make_model("irregular")
-    ddp = SyncDataParallel(model, bucket_mb=0.002)
+    ddp = SyncDataParallel(model, bucket_mb=0.002, process_group=group)
     rows = slice(rank * BATCH, (rank + 1) * BATCH)
 
     def misbehave(p):
@@ -195,7 +202,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from trainpatterns.distributed import init_from_env
 
-    info = init_from_env(timeout=float(os.environ.get("TP_TEST_TIMEOUT", "20")))
+    info = init_from_env(timeout=60.0)
     assert info.world_size == WORLD and info.backend == "gloo", info
     if scenario in ("die", "stall"):
         out = fail(info.rank, scenario)

@@ -3,7 +3,7 @@ against a full step, and SyncDataParallel on 2 gloo processes (127.0.0.1) agains
 trained on the concatenated batches (tests/_sync_worker.py runs the ranks and the references).
 
 Every multi-process run has a hard timeout and kills what is left of it; one process pair runs all
-training scenarios, so the file takes ~20 s on 2 cores.
+training scenarios while two more pairs check failures, all at once (~30-40 s on 2 idle cores).
 """
 from __future__ import annotations
 
@@ -197,40 +197,53 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_pair(scenario: str, tmp: Path, timeout_s: float, collective_timeout_s: float, wait_for=(0, 1)) -> list:
-    """Start 2 ranks of the worker and wait for the ranks in ``wait_for``; return their return
-    codes (None: still running after ``timeout_s``). Every process left is killed."""
-    port = _free_port()
+def _run_pairs(scenarios: list, tmp: Path, timeout_s: float) -> dict:
+    """Start 2 ranks of the worker per scenario, all at once, and wait for rank 0 of each (and for
+    rank 1 of "all"); return {scenario: rank 0's return code (None: still running after
+    ``timeout_s``)}. Every process left is killed."""
     pkg_root = str(Path(tp.__file__).resolve().parent.parent)
-    procs = []
+    procs: dict = {}
     t0 = time.monotonic()
     try:
-        for rank in range(W.WORLD):
-            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(W.WORLD), LOCAL_RANK=str(rank),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                       TP_TEST_TIMEOUT=str(collective_timeout_s),
-                       PYTHONPATH=os.pathsep.join([pkg_root, os.environ.get("PYTHONPATH", "")]))
-            procs.append(subprocess.Popen([sys.executable, str(Path(W.__file__)), scenario, str(tmp)], env=env))
-        codes = []
-        for p in (procs[r] for r in wait_for):
-            left = max(0.1, timeout_s - (time.monotonic() - t0))
+        for scenario in scenarios:
+            port = _free_port()
+            for rank in range(W.WORLD):
+                env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(W.WORLD), LOCAL_RANK=str(rank),
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                           TP_TEST_GROUP_TIMEOUT="3",
+                           PYTHONPATH=os.pathsep.join([pkg_root, os.environ.get("PYTHONPATH", "")]))
+                procs[scenario, rank] = subprocess.Popen(
+                    [sys.executable, str(Path(W.__file__)), scenario, str(tmp)], env=env)
+        codes = {}
+        for (scenario, rank), p in procs.items():
+            if rank == 1 and scenario != "all":
+                continue  # the failing rank: killed below
             try:
-                codes.append(p.wait(timeout=left))
+                code = p.wait(timeout=max(0.1, timeout_s - (time.monotonic() - t0)))
             except subprocess.TimeoutExpired:
-                codes.append(None)
+                code = None
+            codes[scenario] = code if rank == 0 else (codes[scenario] if code == 0 else code)
         return codes
     finally:
-        for p in procs:
+        for p in procs.values():
             if p.poll() is None:
                 p.kill()
                 p.wait()
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
+def runs(tmp_path_factory):
+    """All multi-process runs at once: the training scenarios on one pair, and a pair each where
+    rank 1 dies or stalls mid-backward."""
     tmp = tmp_path_factory.mktemp("sync")
-    codes = _run_pair("all", tmp, timeout_s=120, collective_timeout_s=60)
-    assert codes == [0, 0], f"worker return codes {codes} (None: killed after the timeout)"
+    codes = _run_pairs(["all", "die", "stall"], tmp, timeout_s=150)
+    return tmp, codes
+
+
+@pytest.fixture(scope="module")
+def two_ranks(runs):
+    tmp, codes = runs
+    assert codes["all"] == 0, f"worker return code {codes['all']} (None: killed after the timeout)"
     return [torch.load(tmp / f"all_rank{r}.pt") for r in range(W.WORLD)]
 
 
@@ -294,15 +307,15 @@ def test_bucket_layout_edge_cases(two_ranks):
     assert len(tiny_buckets) > 3 and all(len(b) > 1 for b in tiny_buckets[:-1])
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("how,limit_s", [("die", 15.0), ("stall", 3.0 + 15.0)])
-def test_a_failed_rank_makes_the_other_raise_in_time(tmp_path, how, limit_s):
+def test_a_failed_rank_makes_the_other_raise_in_time(runs, how, limit_s):
     # "die": rank 1 exits mid-backward (the connection drops: rank 0 fails at once). "stall": rank 1
-    # hangs; rank 0 gives up after the 3 s collective timeout. Rank 1 is killed once rank 0 is done,
-    # or both at 60 s.
-    codes = _run_pair(how, tmp_path, timeout_s=60, collective_timeout_s=3.0, wait_for=(0,))
-    assert codes[0] == 0, f"rank 0 did not finish (return codes {codes})"
-    res = torch.load(tmp_path / f"{how}_rank0.pt")
+    # hangs; rank 0 gives up after its group's 3 s collective timeout. Rank 1 is killed once rank 0
+    # is done, or everything at 150 s.
+    tmp, codes = runs
+    assert codes[how] == 0, f"rank 0 did not finish (return code {codes[how]})"
+    res = torch.load(tmp / f"{how}_rank0.pt")
     assert res["error"] is not None, "rank 0 finished training although rank 1 was gone"
     assert "SyncDataParallel: the all-reduce of gradient bucket" in res["error"]
     assert "rank 0 of 2" in res["error"] and "died or stalled" in res["error"]
