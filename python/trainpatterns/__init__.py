@@ -8,6 +8,11 @@ import torch  # noqa: F401  (loads torch's OpenMP runtime before ours)
 
 from ._kernels import build_info
 from .optim import FusedAdagrad, FusedAdam, FusedAdamW, FusedSGD
+# issue 6: transfer learning, useful overfitting and distillation, the Trainer's callbacks
+from . import overfit, transfer
+from .callbacks import Callback
+from .overfit import distill, distillation_loss, overfit_check
+from .transfer import freeze, param_groups, unfreeze
 
 __version__ = "0.1.0"
 
@@ -18,4 +23,14 @@ __all__ = [
     "FusedAdagrad",
     "build_info",
     "__version__",
+    # issue 6
+    "transfer",
+    "overfit",
+    "Callback",
+    "freeze",
+    "unfreeze",
+    "param_groups",
+    "overfit_check",
+    "distill",
+    "distillation_loss",
 ]
