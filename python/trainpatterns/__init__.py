@@ -8,6 +8,7 @@ import torch  # noqa: F401  (loads torch's OpenMP runtime before ours)
 
 from ._kernels import build_info
 from .optim import FusedAdagrad, FusedAdam, FusedAdamW, FusedSGD
+from .data import PrefetchLoader, device_prefetch
 
 __version__ = "0.1.0"
 
@@ -18,4 +19,6 @@ __all__ = [
     "FusedAdagrad",
     "build_info",
     "__version__",
+    "PrefetchLoader",
+    "device_prefetch",
 ]

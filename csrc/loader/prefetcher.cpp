@@ -1,0 +1,329 @@
+// prefetcher.cpp: worker threads, the ordered hand-off and the buffer pool (see prefetcher.h).
+// One mutex guards all shared state; workers hold it only to claim work and to publish results,
+// never while copying, and nothing here touches Python, so the GIL is never needed.
+#include "loader/prefetcher.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <new>
+#include <stdexcept>
+
+#include "loader/gather.h"
+
+namespace tp::loader {
+
+namespace {
+constexpr size_t kAlign = 64;  // cache line: every source's part of a slot starts aligned
+
+size_t round_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+}  // namespace
+
+struct Slot {
+  uint8_t* memory = nullptr;       // owned allocation (null for external or trimmed slots)
+  std::vector<uint8_t*> parts;     // per source; empty while the slot has no memory
+  enum State { Free, Busy } state = Free;  // Busy: being filled, ready, or held by the consumer
+  int views = 0;                   // exported views not yet released
+};
+
+struct Epoch {
+  std::shared_ptr<const std::vector<int64_t>> order;
+  int64_t first_batch;  // batch index (within the epoch) of the epoch's first pushed batch
+  int64_t first_seq;    // its sequence number
+  int64_t count;        // batches pushed
+};
+
+struct Done {
+  int slot;
+  int64_t rows;
+  std::string error;
+};
+
+struct PoolState {
+  PrefetcherConfig cfg;
+  std::vector<size_t> offsets;  // per source, within an owned slot
+  size_t slot_bytes = 0;
+  bool owned = true;
+  int keep_free = 0;  // owned pool: free slots kept allocated; more are freed on release
+
+  mutable std::mutex mu;
+  std::condition_variable work_cv;   // workers: work, a free slot, or stop
+  std::condition_variable ready_cv;  // consumer: the next batch is done
+  bool stop = false;
+  std::vector<Slot> slots;
+  std::deque<Epoch> epochs;
+  int64_t pushed = 0;   // batches in all pushed epochs
+  int64_t claimed = 0;  // next sequence number a worker will gather
+  int64_t taken = 0;    // next sequence number the consumer takes
+  std::map<int64_t, Done> done;
+  std::string error;    // set once a failed batch was taken: the prefetcher is broken
+
+  ~PoolState() {
+    for (Slot& s : slots) std::free(s.memory);
+  }
+
+  int free_slot_locked() const {
+    for (size_t i = 0; i < slots.size(); ++i)
+      if (slots[i].state == Slot::Free && !slots[i].parts.empty()) return static_cast<int>(i);
+    return -1;
+  }
+
+  bool can_claim_locked() const {
+    if (claimed >= pushed || claimed - taken >= cfg.prefetch || !error.empty()) return false;
+    return owned || free_slot_locked() >= 0;
+  }
+
+  // A free slot with memory, allocating one in an owned pool. Throws std::bad_alloc.
+  int acquire_slot_locked() {
+    int i = free_slot_locked();
+    if (i < 0) {
+      for (size_t k = 0; k < slots.size() && i < 0; ++k)
+        if (slots[k].parts.empty()) i = static_cast<int>(k);
+      if (i < 0) {
+        slots.emplace_back();
+        i = static_cast<int>(slots.size()) - 1;
+      }
+      Slot& s = slots[i];
+      s.memory = static_cast<uint8_t*>(std::aligned_alloc(kAlign, std::max(slot_bytes, kAlign)));
+      if (s.memory == nullptr) throw std::bad_alloc();
+      for (size_t off : offsets) s.parts.push_back(s.memory + off);
+    }
+    slots[i].state = Slot::Busy;
+    return i;
+  }
+
+  void release_view(int slot) {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      Slot& s = slots[slot];
+      if (--s.views > 0) return;
+      s.state = Slot::Free;
+      if (owned) {
+        int free_count = 0;
+        for (const Slot& o : slots)
+          if (o.state == Slot::Free && !o.parts.empty()) ++free_count;
+        if (free_count > keep_free) {  // the user had held many batches: give the memory back
+          std::free(s.memory);
+          s.memory = nullptr;
+          s.parts.clear();
+        }
+      }
+    }
+    work_cv.notify_all();
+  }
+};
+
+namespace {
+
+// What a DLPack view owns: the pool state (kept alive) and its own shape.
+struct ViewCtx {
+  std::shared_ptr<PoolState> st;
+  int slot;
+  int64_t shape[1];
+};
+
+void view_deleter(DLManagedTensor* t) {
+  auto* ctx = static_cast<ViewCtx*>(t->manager_ctx);
+  ctx->st->release_view(ctx->slot);
+  delete ctx;
+  delete t;
+}
+
+}  // namespace
+
+Prefetcher::Prefetcher(PrefetcherConfig cfg) : st_(std::make_shared<PoolState>()) {
+  if (cfg.sources.empty()) throw std::invalid_argument("the prefetcher needs at least one source");
+  if (cfg.batch_size < 1) throw std::invalid_argument("batch_size must be >= 1");
+  if (cfg.prefetch < 1) throw std::invalid_argument("prefetch must be >= 1");
+  if (cfg.num_threads < 1) throw std::invalid_argument("num_threads must be >= 1");
+  if (cfg.num_rows < 0) throw std::invalid_argument("num_rows must be >= 0");
+  for (const Source& s : cfg.sources) {
+    if (s.row_bytes < 0) throw std::invalid_argument("row_bytes must be >= 0");
+    if (s.base == nullptr && s.row_bytes > 0 && cfg.num_rows > 0)
+      throw std::invalid_argument("a source has a null address");
+  }
+  PoolState& st = *st_;
+  st.owned = cfg.external.empty();
+  size_t off = 0;
+  for (const Source& s : cfg.sources) {
+    st.offsets.push_back(off);
+    off += round_up(static_cast<size_t>(s.row_bytes) * static_cast<size_t>(cfg.batch_size));
+  }
+  st.slot_bytes = off;
+  // The consumer holds the batch it works on and, while asking for the next, the previous one.
+  st.keep_free = cfg.prefetch + 2;
+  if (!st.owned) {
+    for (const auto& bufs : cfg.external) {
+      if (bufs.size() != cfg.sources.size())
+        throw std::invalid_argument("every external slot needs one buffer per source");
+      Slot s;
+      s.parts = bufs;
+      st.slots.push_back(std::move(s));
+    }
+  }
+  st.cfg = std::move(cfg);
+  const int n = st.cfg.num_threads;
+  threads_.reserve(n);
+  try {
+    for (int i = 0; i < n; ++i) threads_.emplace_back(&Prefetcher::worker, this);
+  } catch (...) {
+    close();
+    throw;
+  }
+}
+
+Prefetcher::~Prefetcher() { close(); }
+
+void Prefetcher::close() {
+  {
+    std::lock_guard<std::mutex> lk(st_->mu);
+    st_->stop = true;
+  }
+  st_->work_cv.notify_all();
+  st_->ready_cv.notify_all();
+  for (std::thread& t : threads_)
+    if (t.joinable()) t.join();
+}
+
+bool Prefetcher::closed() const {
+  std::lock_guard<std::mutex> lk(st_->mu);
+  return st_->stop;
+}
+
+int Prefetcher::num_slots() const {
+  std::lock_guard<std::mutex> lk(st_->mu);
+  int n = 0;
+  for (const Slot& s : st_->slots)
+    if (st_->owned ? !s.parts.empty() : s.state == Slot::Busy) ++n;
+  return n;
+}
+
+int Prefetcher::num_sources() const { return static_cast<int>(st_->cfg.sources.size()); }
+
+int64_t Prefetcher::pushed() const {
+  std::lock_guard<std::mutex> lk(st_->mu);
+  return st_->pushed;
+}
+
+int64_t Prefetcher::push_epoch(std::vector<int64_t> order, bool drop_last, int64_t first_batch) {
+  PoolState& st = *st_;
+  const int64_t n = static_cast<int64_t>(order.size());
+  const int64_t bs = st.cfg.batch_size;
+  const int64_t batches = drop_last ? n / bs : (n + bs - 1) / bs;
+  if (first_batch < 0 || first_batch > batches)
+    throw std::invalid_argument("first_batch " + std::to_string(first_batch) + " is outside [0, " +
+                                std::to_string(batches) + "]");
+  auto shared = std::make_shared<const std::vector<int64_t>>(std::move(order));
+  {
+    std::lock_guard<std::mutex> lk(st.mu);
+    if (st.stop) throw std::runtime_error("the prefetcher is closed");
+    st.epochs.push_back(Epoch{shared, first_batch, st.pushed, batches - first_batch});
+    st.pushed += batches - first_batch;
+  }
+  st.work_cv.notify_all();
+  return batches - first_batch;
+}
+
+bool Prefetcher::next(double timeout_s, TakenBatch* out) {
+  PoolState& st = *st_;
+  std::unique_lock<std::mutex> lk(st.mu);
+  if (!st.error.empty()) throw std::runtime_error(st.error);
+  if (st.stop) throw std::runtime_error("the prefetcher is closed");
+  if (st.taken >= st.pushed) throw std::runtime_error("no batch left: every pushed batch was taken");
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(std::max(0.0, timeout_s));
+  const bool ready = st.ready_cv.wait_until(lk, deadline, [&] { return st.stop || st.done.count(st.taken) > 0; });
+  if (st.stop) throw std::runtime_error("the prefetcher is closed");
+  if (!ready) return false;
+  auto it = st.done.find(st.taken);
+  Done d = std::move(it->second);
+  st.done.erase(it);
+  if (!d.error.empty()) {
+    st.error = "gathering batch " + std::to_string(st.taken) + " failed: " + d.error;
+    if (d.slot >= 0) st.slots[d.slot].state = Slot::Free;
+    lk.unlock();
+    st.work_cv.notify_all();
+    throw std::runtime_error(st.error);
+  }
+  out->seq = st.taken++;
+  out->rows = d.rows;
+  out->slot = d.slot;
+  st.slots[d.slot].views = static_cast<int>(st.cfg.sources.size());
+  // Epochs whose batches have all been taken are no longer needed by any worker.
+  while (!st.epochs.empty() && st.epochs.front().first_seq + st.epochs.front().count <= st.taken)
+    st.epochs.pop_front();
+  lk.unlock();
+  st.work_cv.notify_all();  // one fewer batch in flight: a worker may start another
+  return true;
+}
+
+DLManagedTensor* Prefetcher::export_view(const TakenBatch& b, int source) {
+  PoolState& st = *st_;
+  if (source < 0 || source >= static_cast<int>(st.cfg.sources.size()))
+    throw std::out_of_range("source index out of range");
+  uint8_t* data;
+  {
+    std::lock_guard<std::mutex> lk(st.mu);
+    data = st.slots.at(b.slot).parts[source];
+  }
+  auto* ctx = new ViewCtx{st_, b.slot, {b.rows * st.cfg.sources[source].row_bytes}};
+  auto* t = new DLManagedTensor{};
+  t->dl_tensor.data = data;
+  t->dl_tensor.device = DLDevice{kDLCPU, 0};
+  t->dl_tensor.ndim = 1;
+  t->dl_tensor.dtype = DLDataType{kDLUInt, 8, 1};
+  t->dl_tensor.shape = ctx->shape;
+  t->dl_tensor.strides = nullptr;
+  t->dl_tensor.byte_offset = 0;
+  t->manager_ctx = ctx;
+  t->deleter = view_deleter;
+  return t;
+}
+
+void Prefetcher::worker() {
+  PoolState& st = *st_;
+  for (;;) {
+    int64_t seq = 0, rows = 0;
+    int slot = -1;
+    const int64_t* idx = nullptr;
+    std::shared_ptr<const std::vector<int64_t>> keep;  // the order stays alive while we read it
+    std::vector<uint8_t*> dst;  // copied under the lock: another worker may grow `slots`
+    std::string error;
+    {
+      std::unique_lock<std::mutex> lk(st.mu);
+      st.work_cv.wait(lk, [&] { return st.stop || st.can_claim_locked(); });
+      if (st.stop) return;
+      seq = st.claimed++;
+      for (const Epoch& e : st.epochs) {
+        if (seq < e.first_seq + e.count) {
+          const int64_t batch = e.first_batch + (seq - e.first_seq);
+          const int64_t start = batch * st.cfg.batch_size;
+          rows = std::min<int64_t>(st.cfg.batch_size, static_cast<int64_t>(e.order->size()) - start);
+          idx = e.order->data() + start;
+          keep = e.order;
+          break;
+        }
+      }
+      try {
+        slot = st.acquire_slot_locked();
+        dst = st.slots[slot].parts;
+      } catch (const std::bad_alloc&) {
+        error = "out of memory allocating a batch buffer of " + std::to_string(st.slot_bytes) + " bytes";
+      }
+    }
+    if (error.empty()) {
+      try {
+        for (size_t s = 0; s < st.cfg.sources.size(); ++s)
+          gather_rows(st.cfg.sources[s].base, st.cfg.sources[s].row_bytes, st.cfg.num_rows, idx, rows, dst[s]);
+      } catch (const std::exception& e) {
+        error = e.what();
+      }
+    }
+    {
+      std::lock_guard<std::mutex> lk(st.mu);
+      st.done[seq] = Done{slot, rows, std::move(error)};
+    }
+    st.ready_cv.notify_all();
+  }
+}
+
+}  // namespace tp::loader
