@@ -244,12 +244,17 @@ PYBIND11_MODULE(_C, m) {
 #endif
   // ---- loader (issue 3): the native prefetcher behind trainpatterns.data.PrefetchLoader ----
   py::class_<tp::loader::Prefetcher>(m, "Prefetcher")
-      .def(py::init([](const std::vector<std::pair<std::uintptr_t, int64_t>>& sources, int64_t num_rows,
+      .def(py::init([](const std::vector<std::tuple<std::uintptr_t, int64_t, int, int, std::vector<int64_t>>>& sources,
+                       int64_t num_rows,
                        int64_t batch_size, int prefetch, int num_threads,
                        const std::vector<std::vector<std::uintptr_t>>& external, py::object /*owners*/) {
              tp::loader::PrefetcherConfig cfg;
-             for (const auto& [addr, row_bytes] : sources)
-               cfg.sources.push_back({as_ptr<const uint8_t>(addr), row_bytes});
+             for (const auto& [addr, row_bytes, code, bits, trailing] : sources) {
+               if (code < 0 || code > 255 || bits < 8 || bits > 64)
+                 throw std::invalid_argument("a source has an invalid DLPack dtype");
+               const DLDataType dt{static_cast<uint8_t>(code), static_cast<uint8_t>(bits), 1};
+               cfg.sources.push_back({as_ptr<const uint8_t>(addr), row_bytes, dt, trailing});
+             }
              for (const auto& slot : external) {
                std::vector<uint8_t*> bufs;
                for (std::uintptr_t a : slot) bufs.push_back(as_ptr<uint8_t>(a));
@@ -264,7 +269,8 @@ PYBIND11_MODULE(_C, m) {
            py::kw_only(), py::arg("sources"), py::arg("num_rows"), py::arg("batch_size"), py::arg("prefetch"),
            py::arg("num_threads"), py::arg("external"), py::arg("owners"),
            py::keep_alive<1, 8>(),  // owners (the arrays the addresses point into) outlive the threads
-           "Start the gather threads. sources: (address, row bytes) per source; external: per slot, one "
+           "Start the gather threads. sources: (address, row bytes, DLPack type code, bits, row shape) per "
+           "source; external: per slot, one "
            "buffer address per source (empty: the pool allocates its own memory).")
       .def("push_epoch",
            [](tp::loader::Prefetcher& p, py::array_t<int64_t, py::array::c_style> order, bool drop_last,

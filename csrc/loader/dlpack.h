@@ -14,7 +14,7 @@ typedef struct {
   int32_t device_id;
 } DLDevice;
 
-typedef enum { kDLUInt = 1U } DLDataTypeCode;
+typedef enum { kDLInt = 0U, kDLUInt = 1U, kDLFloat = 2U, kDLBfloat = 4U, kDLBool = 6U } DLDataTypeCode;
 
 typedef struct {
   uint8_t code;

@@ -44,7 +44,7 @@ struct PoolState {
   std::vector<size_t> offsets;  // per source, within an owned slot
   size_t slot_bytes = 0;
   bool owned = true;
-  int keep_free = 0;  // owned pool: free slots kept allocated; more are freed on release
+  int keep = 0;  // owned pool: buffers kept allocated; a released one beyond that is freed
 
   mutable std::mutex mu;
   std::condition_variable work_cv;   // workers: work, a free slot, or stop
@@ -99,10 +99,10 @@ struct PoolState {
       if (--s.views > 0) return;
       s.state = Slot::Free;
       if (owned) {
-        int free_count = 0;
+        int allocated = 0;
         for (const Slot& o : slots)
-          if (o.state == Slot::Free && !o.parts.empty()) ++free_count;
-        if (free_count > keep_free) {  // the user had held many batches: give the memory back
+          if (!o.parts.empty()) ++allocated;
+        if (allocated > keep) {  // the user had held many batches: give the memory back
           std::free(s.memory);
           s.memory = nullptr;
           s.parts.clear();
@@ -119,7 +119,7 @@ namespace {
 struct ViewCtx {
   std::shared_ptr<PoolState> st;
   int slot;
-  int64_t shape[1];
+  std::vector<int64_t> shape;
 };
 
 void view_deleter(DLManagedTensor* t) {
@@ -139,6 +139,13 @@ Prefetcher::Prefetcher(PrefetcherConfig cfg) : st_(std::make_shared<PoolState>()
   if (cfg.num_rows < 0) throw std::invalid_argument("num_rows must be >= 0");
   for (const Source& s : cfg.sources) {
     if (s.row_bytes < 0) throw std::invalid_argument("row_bytes must be >= 0");
+    int64_t elems = 1;
+    for (int64_t d : s.trailing) {
+      if (d < 0) throw std::invalid_argument("trailing dimensions must be >= 0");
+      elems *= d;
+    }
+    if (s.dtype.bits % 8 != 0 || s.dtype.lanes != 1 || elems * (s.dtype.bits / 8) != s.row_bytes)
+      throw std::invalid_argument("a source's dtype and trailing shape do not add up to its row_bytes");
     if (s.base == nullptr && s.row_bytes > 0 && cfg.num_rows > 0)
       throw std::invalid_argument("a source has a null address");
   }
@@ -151,7 +158,7 @@ Prefetcher::Prefetcher(PrefetcherConfig cfg) : st_(std::make_shared<PoolState>()
   }
   st.slot_bytes = off;
   // The consumer holds the batch it works on and, while asking for the next, the previous one.
-  st.keep_free = cfg.prefetch + 2;
+  st.keep = cfg.prefetch + 2;
   if (!st.owned) {
     for (const auto& bufs : cfg.external) {
       if (bufs.size() != cfg.sources.size())
@@ -265,13 +272,15 @@ DLManagedTensor* Prefetcher::export_view(const TakenBatch& b, int source) {
     std::lock_guard<std::mutex> lk(st.mu);
     data = st.slots.at(b.slot).parts[source];
   }
-  auto* ctx = new ViewCtx{st_, b.slot, {b.rows * st.cfg.sources[source].row_bytes}};
+  const Source& src = st.cfg.sources[source];
+  auto* ctx = new ViewCtx{st_, b.slot, {b.rows}};
+  ctx->shape.insert(ctx->shape.end(), src.trailing.begin(), src.trailing.end());
   auto* t = new DLManagedTensor{};
   t->dl_tensor.data = data;
   t->dl_tensor.device = DLDevice{kDLCPU, 0};
-  t->dl_tensor.ndim = 1;
-  t->dl_tensor.dtype = DLDataType{kDLUInt, 8, 1};
-  t->dl_tensor.shape = ctx->shape;
+  t->dl_tensor.ndim = static_cast<int32_t>(ctx->shape.size());
+  t->dl_tensor.dtype = src.dtype;
+  t->dl_tensor.shape = ctx->shape.data();
   t->dl_tensor.strides = nullptr;
   t->dl_tensor.byte_offset = 0;
   t->manager_ctx = ctx;

@@ -27,6 +27,8 @@ namespace tp::loader {
 struct Source {
   const uint8_t* base;  // row-major, contiguous: row r starts at base + r * row_bytes
   int64_t row_bytes;
+  DLDataType dtype;               // element type of the exported views
+  std::vector<int64_t> trailing;  // shape of one row (product * element size == row_bytes)
 };
 
 struct PrefetcherConfig {
@@ -64,7 +66,7 @@ class Prefetcher {
   // with the worker's message if gathering that batch failed, and on every call after that.
   bool next(double timeout_s, TakenBatch* out);
 
-  // A DLPack view (1-D uint8, rows * row_bytes bytes) of one source's part of a taken batch. Every
+  // A DLPack view ([rows, *trailing], the source's dtype) of one source's part of a taken batch. Every
   // taken batch must have exactly one view per source exported; each view's deleter releases it.
   DLManagedTensor* export_view(const TakenBatch& b, int source);
 

@@ -250,8 +250,14 @@ _LOADER_NUMPY_DTYPES = {
     np.dtype(np.int16): torch.int16, np.dtype(np.int8): torch.int8, np.dtype(np.uint8): torch.uint8,
     np.dtype(np.bool_): torch.bool,
 }
-SUPPORTED_LOADER_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-                           torch.int16, torch.int8, torch.uint8, torch.bool)
+# (DLPack type code, bits) the native views are exported with: kDLInt 0, kDLUInt 1, kDLFloat 2,
+# kDLBfloat 4, kDLBool 6 (csrc/loader/dlpack.h).
+_LOADER_DLPACK = {
+    torch.float32: (2, 32), torch.float64: (2, 64), torch.float16: (2, 16), torch.bfloat16: (4, 16),
+    torch.int64: (0, 64), torch.int32: (0, 32), torch.int16: (0, 16), torch.int8: (0, 8), torch.uint8: (1, 8),
+    torch.bool: (6, 8),
+}
+SUPPORTED_LOADER_DTYPES = tuple(_LOADER_DLPACK)
 
 
 @dataclass(frozen=True)
@@ -314,13 +320,13 @@ def make_prefetcher(sources: Sequence[LoaderSource], *, batch_size: int, prefetc
                 raise ValueError(f"internal: external buffer too small for source {s.name}")
     owners = (tuple(s.owner for s in sources), tuple(tuple(slot) for slot in external))
     return _C.Prefetcher(
-        sources=[(s.addr, s.row_bytes) for s in sources], num_rows=sources[0].num_rows if sources else 0,
+        sources=[(s.addr, s.row_bytes, *_LOADER_DLPACK[s.dtype], list(s.trailing)) for s in sources], num_rows=sources[0].num_rows if sources else 0,
         batch_size=batch_size, prefetch=prefetch, num_threads=num_threads,
         external=[[b.data_ptr() for b in slot] for slot in external], owners=owners,
     )
 
 
-def next_batch(prefetcher, sources: Sequence[LoaderSource], poll_s: float = 0.05,
+def next_batch(prefetcher, poll_s: float = 0.05,
                on_wait: Optional[Callable[[], object]] = None) -> tuple[int, list]:
     """Wait for the prefetcher's next batch and view it as tensors, one per source (zero-copy).
 
@@ -333,9 +339,7 @@ def next_batch(prefetcher, sources: Sequence[LoaderSource], poll_s: float = 0.05
             break
         if on_wait is not None:
             on_wait()
-    seq, rows, capsules = got
-    tensors = []
-    for s, cap in zip(sources, capsules):
-        t = torch.from_dlpack(cap)  # 1-D uint8 over the slot; its storage releases the slot when freed
-        tensors.append(t.view(s.dtype).view(rows, *s.trailing))
-    return seq, tensors
+    seq, _, capsules = got
+    # Each capsule is a [rows, *trailing] view of the batch buffer in the source's dtype; the
+    # tensor's storage releases the buffer when its last user is freed.
+    return seq, [torch.from_dlpack(cap) for cap in capsules]

@@ -342,7 +342,7 @@ class _LoaderIterator:
 
     def _take_host(self) -> list:
         on_wait = None if self._stage is None else (lambda: self._stage.reap(block=True))
-        _, tensors = _kernels.next_batch(self._native, self._loader._sources, on_wait=on_wait)
+        _, tensors = _kernels.next_batch(self._native, on_wait=on_wait)
         self._to_take -= 1
         return tensors
 
