@@ -343,6 +343,7 @@ def test_ctrl_c_interrupts_a_blocked_wait():
     with pytest.raises(KeyboardInterrupt):
         _kernels.next_batch(p)
     assert time.monotonic() - t0 < 5
+    timer.join()
     np.testing.assert_array_equal(held[0].numpy(), x[:8])
     p.close()
 
