@@ -76,15 +76,19 @@ def test_batches_match_reference_and_cover_each_row_once(n, batch_size, shuffle,
 
 
 @pytest.mark.parametrize("threads,prefetch", [(1, 1), (4, 2), (3, 7)])
-def test_order_independent_of_threads_and_prefetch(threads, prefetch):
-    x, y = make_data(2000)
-    base = [b[1].numpy().copy() for b in PrefetchLoader((x, y), 33, shuffle=True, seed=5, num_threads=1,
-                                                         prefetch=1, epochs=3)]
-    other = [b[1].numpy().copy() for b in PrefetchLoader((x, y), 33, shuffle=True, seed=5, num_threads=threads,
-                                                          prefetch=prefetch, epochs=3)]
+@pytest.mark.parametrize("d", [7, 1031])  # 1031 floats a row: batches are split over the threads
+def test_order_independent_of_threads_and_prefetch(threads, prefetch, d):
+    x, y = make_data(2000, d=d)
+    base = [tuple(t.numpy().copy() for t in b) for b in PrefetchLoader((x, y), 33, shuffle=True, seed=5,
+                                                                       num_threads=1, prefetch=1, epochs=3)]
+    other = [tuple(t.numpy().copy() for t in b) for b in PrefetchLoader((x, y), 33, shuffle=True, seed=5,
+                                                                        num_threads=threads, prefetch=prefetch,
+                                                                        epochs=3)]
     assert len(base) == len(other) == 3 * 61
-    for a, b in zip(base, other):
-        np.testing.assert_array_equal(a, b)
+    for (ax, ay), (bx, by), idx in zip(base, other, ref_batches(2000, 33, 5, 3)):
+        np.testing.assert_array_equal(ay, by)
+        np.testing.assert_array_equal(bx, x[idx])
+        np.testing.assert_array_equal(ax, bx)
 
 
 def test_epochs_and_endless_mode_draw_fresh_permutations():
@@ -310,10 +314,11 @@ def test_load_state_dict_mismatch_raises():
         PrefetchLoader((x, y), 4).load_state_dict({**state, "batch": 6})
 
 
-def test_error_in_native_thread_reaches_consumer():
-    x, y = make_data(50)
+@pytest.mark.parametrize("d", [3, 4099])  # 4099 floats a row: the failing row is in one chunk of several
+def test_error_in_native_thread_reaches_consumer(d):
+    x, y = make_data(50, d=d)
     sources = [_kernels.loader_source("x", x), _kernels.loader_source("y", y)]
-    with _kernels.make_prefetcher(sources, batch_size=8, prefetch=2, num_threads=2) as p:
+    with _kernels.make_prefetcher(sources, batch_size=8, prefetch=2, num_threads=3) as p:
         order = np.arange(50, dtype=np.int64)
         order[20] = 50  # out of range: the worker gathering batch 2 fails
         assert p.push_epoch(order, False, 0) == 7

@@ -39,6 +39,17 @@ struct Done {
   std::string error;
 };
 
+// A batch being gathered, split into chunks of rows that any worker may take.
+struct InFlight {
+  int slot = -1;
+  int64_t rows = 0;
+  const int64_t* idx = nullptr;
+  std::shared_ptr<const std::vector<int64_t>> order;  // keeps idx alive
+  std::vector<uint8_t*> dst;  // per source; copied from the slot under the lock
+  int64_t chunks = 0, claimed = 0, finished = 0;
+  std::string error;  // the first chunk's failure
+};
+
 struct PoolState {
   PrefetcherConfig cfg;
   std::vector<size_t> offsets;  // per source, within an owned slot
@@ -53,7 +64,9 @@ struct PoolState {
   std::vector<Slot> slots;
   std::deque<Epoch> epochs;
   int64_t pushed = 0;   // batches in all pushed epochs
-  int64_t claimed = 0;  // next sequence number a worker will gather
+  int64_t claimed = 0;  // next sequence number a worker will start
+  int64_t chunk_rows = 1;  // rows per unit of work
+  std::map<int64_t, InFlight> active;  // started batches with chunks not all finished
   int64_t taken = 0;    // next sequence number the consumer takes
   std::map<int64_t, Done> done;
   std::string error;    // set once a failed batch was taken: the prefetcher is broken
@@ -68,10 +81,19 @@ struct PoolState {
     return -1;
   }
 
-  bool can_claim_locked() const {
+  bool can_start_locked() const {
     if (claimed >= pushed || claimed - taken >= cfg.prefetch || !error.empty()) return false;
     return owned || free_slot_locked() >= 0;
   }
+
+  // The earliest started batch with a chunk left, or -1.
+  int64_t unclaimed_locked() const {
+    for (const auto& [seq, b] : active)
+      if (b.claimed < b.chunks) return seq;
+    return -1;
+  }
+
+  bool has_work_locked() const { return unclaimed_locked() >= 0 || can_start_locked(); }
 
   // A free slot with memory, allocating one in an owned pool. Throws std::bad_alloc.
   int acquire_slot_locked() {
@@ -159,6 +181,13 @@ Prefetcher::Prefetcher(PrefetcherConfig cfg) : st_(std::make_shared<PoolState>()
   st.slot_bytes = off;
   // The consumer holds the batch it works on and, while asking for the next, the previous one.
   st.keep = cfg.prefetch + 2;
+  // Each batch is split over the threads, in chunks of at least ~32 KiB so that claiming a
+  // chunk (one lock) stays negligible next to copying it.
+  int64_t bytes_per_row = 0;
+  for (const Source& s : cfg.sources) bytes_per_row += s.row_bytes;
+  const int64_t min_rows = std::max<int64_t>(1, (32 * 1024) / std::max<int64_t>(1, bytes_per_row));
+  const int64_t per_thread = (cfg.batch_size + cfg.num_threads - 1) / cfg.num_threads;
+  st.chunk_rows = std::max(min_rows, per_thread);
   if (!st.owned) {
     for (const auto& bufs : cfg.external) {
       if (bufs.size() != cfg.sources.size())
@@ -291,47 +320,69 @@ DLManagedTensor* Prefetcher::export_view(const TakenBatch& b, int source) {
 void Prefetcher::worker() {
   PoolState& st = *st_;
   for (;;) {
-    int64_t seq = 0, rows = 0;
-    int slot = -1;
+    int64_t seq = -1, begin = 0, end = 0;
     const int64_t* idx = nullptr;
-    std::shared_ptr<const std::vector<int64_t>> keep;  // the order stays alive while we read it
-    std::vector<uint8_t*> dst;  // copied under the lock: another worker may grow `slots`
+    std::vector<uint8_t*> dst;
     std::string error;
     {
       std::unique_lock<std::mutex> lk(st.mu);
-      st.work_cv.wait(lk, [&] { return st.stop || st.can_claim_locked(); });
+      st.work_cv.wait(lk, [&] { return st.stop || st.has_work_locked(); });
       if (st.stop) return;
-      seq = st.claimed++;
-      for (const Epoch& e : st.epochs) {
-        if (seq < e.first_seq + e.count) {
-          const int64_t batch = e.first_batch + (seq - e.first_seq);
-          const int64_t start = batch * st.cfg.batch_size;
-          rows = std::min<int64_t>(st.cfg.batch_size, static_cast<int64_t>(e.order->size()) - start);
-          idx = e.order->data() + start;
-          keep = e.order;
-          break;
+      seq = st.unclaimed_locked();
+      if (seq < 0) {  // start the next batch: locate its rows, take a buffer
+        seq = st.claimed++;
+        InFlight fresh;
+        for (const Epoch& e : st.epochs) {
+          if (seq < e.first_seq + e.count) {
+            const int64_t start = (e.first_batch + (seq - e.first_seq)) * st.cfg.batch_size;
+            fresh.rows = std::min<int64_t>(st.cfg.batch_size, static_cast<int64_t>(e.order->size()) - start);
+            fresh.idx = e.order->data() + start;
+            fresh.order = e.order;
+            break;
+          }
         }
+        fresh.chunks = std::max<int64_t>(1, (fresh.rows + st.chunk_rows - 1) / st.chunk_rows);
+        try {
+          fresh.slot = st.acquire_slot_locked();
+        } catch (const std::bad_alloc&) {  // nothing to gather: the batch fails as a whole
+          st.done[seq] = Done{-1, fresh.rows,
+                              "out of memory allocating a batch buffer of " + std::to_string(st.slot_bytes) + " bytes"};
+          lk.unlock();
+          st.ready_cv.notify_all();
+          continue;
+        }
+        fresh.dst = st.slots[fresh.slot].parts;
+        st.active.emplace(seq, std::move(fresh));
+        if (st.active.at(seq).chunks > 1) st.work_cv.notify_all();  // its other chunks are up for grabs
       }
-      try {
-        slot = st.acquire_slot_locked();
-        dst = st.slots[slot].parts;
-      } catch (const std::bad_alloc&) {
-        error = "out of memory allocating a batch buffer of " + std::to_string(st.slot_bytes) + " bytes";
-      }
+      InFlight* b = &st.active.at(seq);
+      const int64_t c = b->claimed++;
+      begin = c * st.chunk_rows;
+      end = std::min(b->rows, begin + st.chunk_rows);
+      idx = b->idx;
+      dst = b->dst;
     }
-    if (error.empty()) {
-      try {
-        for (size_t s = 0; s < st.cfg.sources.size(); ++s)
-          gather_rows(st.cfg.sources[s].base, st.cfg.sources[s].row_bytes, st.cfg.num_rows, idx, rows, dst[s]);
-      } catch (const std::exception& e) {
-        error = e.what();
+    try {
+      for (size_t s = 0; s < st.cfg.sources.size(); ++s) {
+        const Source& src = st.cfg.sources[s];
+        gather_rows(src.base, src.row_bytes, st.cfg.num_rows, idx + begin, end - begin,
+                    dst[s] + begin * src.row_bytes);
       }
+    } catch (const std::exception& e) {
+      error = e.what();
     }
+    bool complete = false;
     {
       std::lock_guard<std::mutex> lk(st.mu);
-      st.done[seq] = Done{slot, rows, std::move(error)};
+      InFlight& b = st.active.at(seq);
+      if (!error.empty() && b.error.empty()) b.error = std::move(error);
+      if (++b.finished == b.chunks) {
+        st.done[seq] = Done{b.slot, b.rows, std::move(b.error)};
+        st.active.erase(seq);
+        complete = true;
+      }
     }
-    st.ready_cv.notify_all();
+    if (complete) st.ready_cv.notify_all();
   }
 }
 
