@@ -265,7 +265,6 @@ bool Prefetcher::next(double timeout_s, TakenBatch* out) {
   std::unique_lock<std::mutex> lk(st.mu);
   if (!st.error.empty()) throw std::runtime_error(st.error);
   if (st.stop) throw std::runtime_error("the prefetcher is closed");
-  if (st.taken >= st.pushed) throw std::runtime_error("no batch left: every pushed batch was taken");
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(std::max(0.0, timeout_s));
   const bool ready = st.ready_cv.wait_until(lk, deadline, [&] { return st.stop || st.done.count(st.taken) > 0; });
   if (st.stop) throw std::runtime_error("the prefetcher is closed");

@@ -62,8 +62,9 @@ class Prefetcher {
   // are skipped. Returns how many batches were appended.
   int64_t push_epoch(std::vector<int64_t> order, bool drop_last, int64_t first_batch);
 
-  // Waits up to timeout_s for the next batch in order. False on timeout. Throws std::runtime_error
-  // with the worker's message if gathering that batch failed, and on every call after that.
+  // Waits up to timeout_s for the next batch in order (also while it is not pushed yet). False on
+  // timeout. Throws std::runtime_error with the worker's message if gathering that batch failed,
+  // and on every call after that.
   bool next(double timeout_s, TakenBatch* out);
 
   // A DLPack view ([rows, *trailing], the source's dtype) of one source's part of a taken batch. Every

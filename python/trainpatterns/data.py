@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import weakref
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -310,7 +311,7 @@ class _LoaderIterator:
         else:
             self._remaining = (self._n - loader._batch) + (loader.epochs - 1) * self._n
         self._next_push = loader._epoch  # next epoch whose batches go to the threads
-        self._to_take = 0  # batches pushed but not taken from the threads yet
+        self._to_take = 0  # batches scheduled for the threads but not taken from them yet
         if self._remaining == 0:
             self._closed = True
             return
@@ -321,28 +322,41 @@ class _LoaderIterator:
         self._native = _kernels.make_prefetcher(loader._sources, batch_size=loader.batch_size,
                                                 prefetch=loader.prefetch, num_threads=loader.num_threads,
                                                 external=external)
-        self._push_epoch(first_batch=loader._batch)
-        self._push_epoch(first_batch=0)  # the following epoch too, so no stall at the boundary
+        # Drawing a permutation of a million rows takes tens of milliseconds: a helper thread draws
+        # and pushes each epoch's order (numpy releases the GIL while shuffling), one epoch ahead,
+        # so the consumer never waits at an epoch boundary. One worker: epochs arrive in order.
+        self._pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainpatterns-order")
+        self._pushes: deque = deque()  # futures of scheduled pushes, oldest first
+        self._schedule_epoch(first_batch=loader._batch)
+        self._schedule_epoch(first_batch=0)  # the following epoch too, so no stall at the boundary
 
-    def _push_epoch(self, first_batch: int) -> None:
+    def _schedule_epoch(self, first_batch: int) -> None:
         ld = self._loader
+        count = self._n - first_batch
         if self._remaining is not None:
-            pending = self._to_take + len(self._copies)
-            if pending >= self._remaining:
-                return  # everything this iteration hands out is already pushed
-        order = epoch_order(ld.num_rows, ld.seed, self._next_push, ld.shuffle)
-        pushed = self._native.push_epoch(order, ld.drop_last, first_batch)
-        if self._remaining is not None:
-            pushed = min(pushed, self._remaining - self._to_take - len(self._copies))
-        self._to_take += pushed
+            count = min(count, self._remaining - self._to_take - len(self._copies))
+            if count <= 0:
+                return  # everything this iteration hands out is already scheduled
+        self._pushes.append(self._pusher.submit(_push_epoch, self._native, ld.num_rows, ld.seed, self._next_push,
+                                                ld.shuffle, ld.drop_last, first_batch))
+        self._to_take += count
         self._next_push += 1
+
+    def _check_pushes(self) -> None:
+        """Raise what a finished push raised (runs while waiting for a batch)."""
+        while self._pushes and self._pushes[0].done():
+            self._pushes.popleft().result()
 
     def __iter__(self) -> "_LoaderIterator":
         return self
 
+    def _on_wait(self) -> None:
+        self._check_pushes()
+        if self._stage is not None:
+            self._stage.reap(block=True)  # the threads may be short of pinned buffers
+
     def _take_host(self) -> list:
-        on_wait = None if self._stage is None else (lambda: self._stage.reap(block=True))
-        _, tensors = _kernels.next_batch(self._native, on_wait=on_wait)
+        _, tensors = _kernels.next_batch(self._native, on_wait=self._on_wait)
         self._to_take -= 1
         return tensors
 
@@ -374,13 +388,15 @@ class _LoaderIterator:
         if self._remaining is not None:
             self._remaining -= 1
         if ld._advance(self._n):
-            self._push_epoch(first_batch=0)
+            self._schedule_epoch(first_batch=0)
         return batch
 
     def close(self) -> None:
         """Stop the threads and wait for in-flight copies; idempotent."""
         if self._native is not None:
-            self._native.close()
+            self._native.close()  # a push still queued now fails quietly (see _push_epoch)
+            self._pusher.shutdown(wait=True, cancel_futures=True)
+            self._pushes.clear()
             self._native = None
         if self._stage is not None:
             self._copies.clear()
@@ -393,6 +409,20 @@ class _LoaderIterator:
             self.close()
         except Exception:  # interpreter shutdown
             pass
+
+
+def _push_epoch(native, num_rows: int, seed: int, epoch: int, shuffle: bool, drop_last: bool,
+                first_batch: int) -> None:
+    """Draw one epoch's order and hand it to the native threads (runs on the helper thread; it
+    holds no reference to the iterator, so dropping the iterator is never delayed by it)."""
+    order = epoch_order(num_rows, seed, epoch, shuffle)
+    if native.closed:
+        return
+    try:
+        native.push_epoch(order, drop_last, first_batch)
+    except RuntimeError:
+        if not native.closed:  # closed in the meantime: nobody waits for this epoch any more
+            raise
 
 
 def _map_leaves(item, fn, is_leaf: Callable[[Any], bool]):
