@@ -480,3 +480,26 @@ def test_device_prefetch_cuda_matches_dataloader():
         assert len(got) == len(ref)
         for (ga, gb), (ra, rb) in zip(got, ref):
             assert torch.equal(ga, ra) and torch.equal(gb, rb)
+
+
+@needs_cuda
+def test_cuda_no_thread_or_pinned_leak_over_1000_loaders():
+    x, y = make_data(2000, d=64)
+
+    def run_one():
+        loader = PrefetchLoader({"x": x, "y": y}, 64, shuffle=True, num_threads=2, device="cuda")
+        it = iter(loader)
+        next(it)
+        next(it)
+
+    for _ in range(50):
+        run_one()
+    gc.collect()
+    torch.cuda.synchronize()
+    threads0, rss0 = n_threads(), rss_bytes()
+    for _ in range(1000):
+        run_one()
+    gc.collect()
+    torch.cuda.synchronize()
+    assert threads_after_stop(threads0) == threads0
+    assert rss_bytes() - rss0 < 64 * 2**20  # pinned buffers are resident: a leak would show here
