@@ -265,7 +265,10 @@ bool Prefetcher::next(double timeout_s, TakenBatch* out) {
   std::unique_lock<std::mutex> lk(st.mu);
   if (!st.error.empty()) throw std::runtime_error(st.error);
   if (st.stop) throw std::runtime_error("the prefetcher is closed");
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(std::max(0.0, timeout_s));
+  // Clamped to a day: an infinite timeout would overflow the clock arithmetic.
+  const double wait_s = std::min(std::max(0.0, timeout_s), 86400.0);
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(wait_s));
   const bool ready = st.ready_cv.wait_until(lk, deadline, [&] { return st.stop || st.done.count(st.taken) > 0; });
   if (st.stop) throw std::runtime_error("the prefetcher is closed");
   if (!ready) return false;
@@ -275,9 +278,10 @@ bool Prefetcher::next(double timeout_s, TakenBatch* out) {
   if (!d.error.empty()) {
     st.error = "gathering batch " + std::to_string(st.taken) + " failed: " + d.error;
     if (d.slot >= 0) st.slots[d.slot].state = Slot::Free;
+    const std::string message = st.error;
     lk.unlock();
     st.work_cv.notify_all();
-    throw std::runtime_error(st.error);
+    throw std::runtime_error(message);
   }
   out->seq = st.taken++;
   out->rows = d.rows;

@@ -107,13 +107,11 @@ class _DeviceStage:
             done.append(self.inflight.popleft()[1][1])
         return done
 
-    def close(self) -> list:
-        """Wait for every copy still running (their events only); returns all payloads."""
+    def close(self) -> None:
+        """Wait for every copy still running (their events only) and drop what they read."""
         for event, _ in self.inflight:
             event.synchronize()
-        done = [payload for _, (_, payload) in self.inflight]
         self.inflight.clear()
-        return done
 
 
 class _Structure:
