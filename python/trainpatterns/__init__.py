@@ -8,6 +8,7 @@ import torch  # noqa: F401  (loads torch's OpenMP runtime before ours)
 
 from ._kernels import build_info
 from .optim import FusedAdagrad, FusedAdam, FusedAdamW, FusedSGD
+from .data import PrefetchLoader, device_prefetch
 # issue 6: transfer learning, useful overfitting and distillation, the Trainer's callbacks
 from . import overfit, transfer
 from .callbacks import Callback
@@ -23,6 +24,8 @@ __all__ = [
     "FusedAdagrad",
     "build_info",
     "__version__",
+    "PrefetchLoader",
+    "device_prefetch",
     # issue 6
     "transfer",
     "overfit",
