@@ -19,3 +19,8 @@ __all__ = [
     "build_info",
     "__version__",
 ]
+
+# checkpoints (issue 4)
+from .checkpoint import CheckpointManager, VirtualEpochs  # noqa: E402
+
+__all__ += ["CheckpointManager", "VirtualEpochs"]
