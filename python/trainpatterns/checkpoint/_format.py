@@ -34,6 +34,7 @@ import concurrent.futures
 import json
 import math
 import os
+import queue
 import threading
 import zlib
 from typing import Any, Callable, Optional
@@ -91,6 +92,8 @@ class TensorSink:
 
 def encode_tree(value: Any, sink: TensorSink, where: str, path: tuple = ()) -> Any:
     """A JSON-able copy of ``value``; tensors go to ``sink``. ``where`` names the entry in errors."""
+    if isinstance(value, np.generic):  # before float: np.float64 is a float subclass
+        return {"$np": value.dtype.str, "value": encode_tree(value.item(), sink, where, path)}
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):
@@ -116,8 +119,6 @@ def encode_tree(value: Any, sink: TensorSink, where: str, path: tuple = ()) -> A
         except TypeError as e:
             raise TypeError(f"{where}{_path_str(path)}: numpy array of dtype {value.dtype} cannot be saved") from e
         return {"$ndarray": sink.add(path, t, where)}
-    if isinstance(value, np.generic):
-        return {"$np": value.dtype.str, "value": encode_tree(value.item(), sink, where, path)}
     if isinstance(value, torch.dtype):
         return {"$dtype": str(value).removeprefix("torch.")}
     if isinstance(value, torch.device):
@@ -203,20 +204,50 @@ def _lookup(tensors: dict, name: str, where: str) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # checksums
 
-_hash_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
-_hash_pool_lock = threading.Lock()
+class _HashThread:
+    """One daemon thread that runs CRC-32 jobs in submission order. Our own rather than a
+    ThreadPoolExecutor, because executors refuse work once interpreter shutdown has begun, and the
+    exit handler still has to finish a pending checkpoint."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="trainpatterns-crc", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            buf, prev, fut = self._jobs.get()
+            try:
+                fut.set_result(zlib.crc32(buf, 0 if prev is None else prev.result()))
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits for the value
+                fut.set_exception(e)
+
+    def submit(self, buf, prev: Optional[concurrent.futures.Future]) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._jobs.put((buf, prev, fut))
+        return fut
 
 
-def _pool() -> concurrent.futures.ThreadPoolExecutor:
-    global _hash_pool
-    with _hash_pool_lock:
-        if _hash_pool is None:
-            _hash_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="trainpatterns-crc")
-        return _hash_pool
+_hasher: Optional[_HashThread] = None
+_hasher_lock = threading.Lock()
 
 
-def _chain(buf, prev: Optional[concurrent.futures.Future]) -> int:
-    return zlib.crc32(buf, 0 if prev is None else prev.result())
+def _hash_thread() -> _HashThread:
+    global _hasher
+    with _hasher_lock:
+        if _hasher is None:
+            _hasher = _HashThread()
+        return _hasher
+
+
+def _reset_hasher_after_fork() -> None:
+    """A forked child has none of the parent's threads: it starts its own hasher when needed."""
+    global _hasher, _hasher_lock
+    _hasher, _hasher_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_hasher_after_fork)
 
 
 class Crc32:
@@ -227,7 +258,7 @@ class Crc32:
         self._last: Optional[concurrent.futures.Future] = None
 
     def update(self, buf) -> None:
-        self._last = _pool().submit(_chain, buf, self._last)
+        self._last = _hash_thread().submit(buf, self._last)
 
     def value(self) -> int:
         return 0 if self._last is None else self._last.result()

@@ -546,7 +546,7 @@ class CheckpointManager:
         if self.keep_last is None:
             return
         infos = [i for i in self.list() if i.valid]
-        keep = {i.path for i in infos[len(infos) - self.keep_last:]} if self.keep_last else set()
+        keep = {i.path for i in infos[max(0, len(infos) - self.keep_last):]}
         if self.keep_best:
             keep |= {i.path for i in self._best_first(infos)[: self.keep_best]}
         keep |= {just_written, self._restored_from}
@@ -764,10 +764,10 @@ def load_weights(module: torch.nn.Module, path: PathLike, *, key: Optional[str] 
     modules = [n for n, e in shared.items() if e["kind"] == "module"]
     if key is None:
         if len(modules) != 1:
-            raise CheckpointError(f"{path} holds {len(modules)} modules {modules}: pass key= to choose one")
+            raise ValueError(f"{path} holds {len(modules)} modules {modules}: pass key= to choose one")
         key = modules[0]
     if key not in shared:
-        raise CheckpointError(f"{path} has no entry {key!r} (modules: {modules})")
+        raise ValueError(f"{path} has no entry {key!r} (modules: {modules})")
     e = shared[key]
     tensors = {}
     if e.get("file"):
