@@ -38,7 +38,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import numpy as np
 import torch
 
-from ._format import (CheckpointError, TensorSink, decode_tree, encode_tree, fsync_dir, read_json_file,
+from ._format import (CheckpointError, TensorSink, crc32, decode_tree, encode_tree, fsync_dir, read_json_file,
                       read_safetensors, write_json_file, write_safetensors)
 from ._rng import capture_rng, restore_rng
 
@@ -672,7 +672,7 @@ def _check_files(path: str, manifest: dict, verify: bool) -> Optional[str]:
             crc = 0
             with open(fpath, "rb", buffering=0) as f:
                 while chunk := f.read(32 << 20):
-                    crc = zlib.crc32(chunk, crc)
+                    crc = crc32(chunk, crc)
             if crc != info["crc32"]:
                 return f"{fpath} fails its checksum (CRC-32 {crc:08x}, manifest {info['crc32']:08x}): the file is corrupt"
     return None
@@ -713,8 +713,9 @@ def _load(path: str, rank: int) -> _Loaded:
     shared_tensors = {}
     for e in shared.values():
         f = e.get("file")
-        if f:
-            shared_tensors[f], _ = read_safetensors(os.path.join(path, f), _expected(manifest, path, f))
+        if f:  # a module's tensors are copied into its parameters by load_state_dict: no copy here
+            shared_tensors[f], _ = read_safetensors(os.path.join(path, f), _expected(manifest, path, f),
+                                                    copy=e["kind"] != "module")
     base = f"rank_{rank:05d}"
     rank_doc = read_json_file(os.path.join(path, base + ".json"), _expected(manifest, path, base + ".json"))
     rank_tensors = {}
@@ -753,7 +754,7 @@ def load_weights(module: torch.nn.Module, path: PathLike, *, key: Optional[str] 
         raise TypeError(f"load_weights needs a torch.nn.Module, got {type(module).__qualname__}")
     path = os.path.abspath(os.fspath(path))
     if os.path.isfile(path):
-        tensors, _ = read_safetensors(path)
+        tensors, _ = read_safetensors(path, copy=False)
         live = module.state_dict()
         sd = {k: (t.to(live[k].device) if k in live else t) for k, t in tensors.items()}
         return module.load_state_dict(sd, strict=strict)
@@ -771,6 +772,6 @@ def load_weights(module: torch.nn.Module, path: PathLike, *, key: Optional[str] 
     e = shared[key]
     tensors = {}
     if e.get("file"):
-        tensors, _ = read_safetensors(os.path.join(path, e["file"]), _expected(manifest, path, e["file"]))
+        tensors, _ = read_safetensors(os.path.join(path, e["file"]), _expected(manifest, path, e["file"]), copy=False)
     sd = decode_tree(e["tree"], tensors, module.state_dict(), f"{path}: state[{key!r}]")
     return module.load_state_dict(sd, strict=strict)
