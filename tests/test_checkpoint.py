@@ -819,3 +819,36 @@ def test_bad_input_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="metric"):
         mgr.restore({"n": 1}, "best")
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+
+
+def test_nan_metric_is_kept_but_never_best(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=1, keep_best=1, metric="loss", async_save=False)
+    mgr.save({"n": 1}, 1, {"loss": 0.5})
+    mgr.save({"n": 2}, 2, {"loss": float("nan")})
+    mgr.save({"n": 3}, 3, {"loss": np.float32(0.7)})
+    infos = {i.step: i.metrics["loss"] for i in mgr.list()}
+    assert sorted(infos) == [1, 3] and infos[1] == 0.5 and infos[3] == pytest.approx(0.7)
+    mgr2 = CheckpointManager(tmp_path / "b", keep_last=2, async_save=False)
+    mgr2.save({"n": 1}, 1, {"loss": float("nan"), "acc": float("-inf")})
+    m = mgr2.list()[0].metrics
+    assert math.isnan(m["loss"]) and m["acc"] == float("-inf")
+
+
+def test_crc_matches_zlib():
+    import zlib
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 4095, 5 * 1024 + 3, 1 << 20):
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert _format.crc32(data) == zlib.crc32(data)
+        assert _format.crc32(data, 0x12345678) == zlib.crc32(data, 0x12345678)
+    c = _format.Crc32()
+    pieces = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in (7, 100_000, 3)]
+    for p in pieces:
+        c.update(p)
+    assert c.value() == zlib.crc32(b"".join(pieces))
+
+
+def test_virtual_epochs_accepts_numpy_integers():
+    plan = VirtualEpochs(np.int64(1000), np.int32(10), np.float64(2.5), np.int64(5))
+    assert plan.steps_per_epoch == 2500 // 50 and isinstance(plan.total_steps, int)

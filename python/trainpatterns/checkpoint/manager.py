@@ -133,14 +133,12 @@ def _metrics_json(metrics: Optional[Mapping[str, Any]]) -> dict:
             v = v.item()
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise TypeError(f"metric {k!r} must be a number, got {type(v).__qualname__}")
-        out[k] = v
+        out[k] = encode_tree(v, TensorSink(), "metrics")  # strict JSON: a NaN loss becomes {"$float": "nan"}
     return out
 
 
 def _metric_value(info: CheckpointInfo, metric: str) -> Optional[float]:
     v = info.metrics.get(metric)
-    if isinstance(v, dict):  # an encoded non-finite float
-        v = float(v.get("$float", "nan"))
     if not isinstance(v, (int, float)) or math.isnan(v):
         return None
     return float(v)
@@ -318,7 +316,8 @@ class CheckpointManager:
                 out.append(CheckpointInfo(step, {}, path, False, str(e)))
                 continue
             problem = _check_files(path, manifest, verify)
-            out.append(CheckpointInfo(step, manifest.get("metrics", {}), path, problem is None, problem))
+            metrics = {k: decode_tree(v, {}) for k, v in manifest.get("metrics", {}).items()}
+            out.append(CheckpointInfo(step, metrics, path, problem is None, problem))
         return out
 
     def restore(self, state: dict, which: Union[str, int, PathLike] = "latest") -> Optional[int]:
@@ -439,9 +438,8 @@ class CheckpointManager:
                 ev = torch.cuda.Event()
                 ev.record()  # on the current stream, after the copies
                 events.append(ev)
-        if self.async_save:
-            self._pool.trim()
-        elif events:
+        self._pool.trim()
+        if not self.async_save and events:
             for ev in events:
                 ev.synchronize()
             events = []
@@ -514,6 +512,8 @@ class CheckpointManager:
         except BaseException as e:
             if job.rank == 0:
                 shutil.rmtree(job.tmp, ignore_errors=True)  # frees the space; it was never visible
+            else:
+                _tell_rank0(job, e)
             if isinstance(e, OSError):
                 raise CheckpointError(f"saving step {job.step} to {self.directory} failed: {e.strerror or e} "
                                       f"(errno {e.errno}); earlier checkpoints are untouched") from e
@@ -529,7 +529,11 @@ class CheckpointManager:
         pause = 0.005
         for r in range(1, job.world):
             path = os.path.join(job.tmp, f"rank_{r:05d}.sums")
+            failed = os.path.join(job.tmp, f"rank_{r:05d}.failed")
             while not os.path.exists(path):
+                if os.path.exists(failed):
+                    with open(failed, encoding="utf-8", errors="replace") as f:
+                        raise CheckpointError(f"rank {r} could not write step {job.step}: {f.read()}")
                 if time.monotonic() > deadline:
                     raise CheckpointError(f"rank {r} did not finish writing step {job.step} within "
                                           f"{self.timeout:g} s")
@@ -631,6 +635,15 @@ class CheckpointManager:
         for n in os.listdir(self.directory):
             if n.startswith(".tmp-"):
                 shutil.rmtree(os.path.join(self.directory, n), ignore_errors=True)
+
+
+def _tell_rank0(job: _Job, error: BaseException) -> None:
+    """Best effort: leave the reason for rank 0, so it fails now instead of at its timeout."""
+    try:
+        with open(os.path.join(job.tmp, f"rank_{job.rank:05d}.failed"), "w", encoding="utf-8") as f:
+            f.write(str(error) or type(error).__name__)
+    except OSError:
+        pass
 
 
 # --------------------------------------------------------------------------------------------------

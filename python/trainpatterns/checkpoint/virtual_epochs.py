@@ -18,6 +18,7 @@ retraining on new data warm-starts from the checkpoint and keeps checkpointing e
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -74,11 +75,12 @@ class VirtualEpochs:
     def __init__(self, num_examples: int, batch_size: int, stop_point: float, num_checkpoints: int) -> None:
         for name, v in (("num_examples", num_examples), ("batch_size", batch_size),
                         ("num_checkpoints", num_checkpoints)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
                 raise ValueError(f"{name} must be an int > 0, got {v!r}")
-        if isinstance(stop_point, bool) or not isinstance(stop_point, (int, float)) \
+        if isinstance(stop_point, bool) or not isinstance(stop_point, numbers.Real) \
                 or not math.isfinite(stop_point) or stop_point <= 0:
             raise ValueError(f"stop_point must be a finite number > 0 (passes over the data), got {stop_point!r}")
+        num_examples, batch_size, num_checkpoints = int(num_examples), int(batch_size), int(num_checkpoints)
         self.num_examples = num_examples
         self.batch_size = batch_size
         self.stop_point = float(stop_point)
