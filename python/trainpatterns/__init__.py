@@ -37,3 +37,8 @@ __all__ = [
     "distill",
     "distillation_loss",
 ]
+
+# checkpoints (issue 4)
+from .checkpoint import CheckpointManager, VirtualEpochs  # noqa: E402
+
+__all__ += ["CheckpointManager", "VirtualEpochs"]
