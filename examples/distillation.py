@@ -38,20 +38,20 @@ def fit(model, x, y, epochs, lr=3e-3):
 
 def main() -> None:
     torch.manual_seed(0)
-    x, y = task(20000, 0)
-    xt, yt = task(5000, 1)
-    teacher = nn.Sequential(nn.Linear(16, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-    fit(teacher, x, y, epochs=5)
+    x, y = task(8000, 0)
+    xt, yt = task(2000, 1)
+    teacher = nn.Sequential(nn.Linear(16, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    fit(teacher, x, y, epochs=4)
     small = lambda: nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10))
     xs, ys = x[:256], y[:256]
     torch.manual_seed(1)
     hard = small()
-    fit(hard, xs, ys, epochs=100)
+    fit(hard, xs, ys, epochs=60)
     torch.manual_seed(1)
     student = small()
-    batches = [(x[i:i + 64], y[i:i + 64] if i < 256 else None) for i in range(0, 4096, 64)]  # labels for 256 only
+    batches = [(x[i:i + 64], y[i:i + 64] if i < 256 else None) for i in range(0, 2048, 64)]  # labels for 256 only
     data = [(b[0], b[1]) if b[1] is not None else (b[0],) for b in batches]
-    distill(teacher, student, data, FusedAdamW(student.parameters(), lr=3e-3), epochs=30, temperature=4.0, alpha=0.7)
+    distill(teacher, student, data, FusedAdamW(student.parameters(), lr=3e-3), epochs=20, temperature=4.0, alpha=0.7)
     print(f"teacher                     : {accuracy(teacher, xt, yt):.3f}")
     print(f"student on 256 hard labels  : {accuracy(hard, xt, yt):.3f}")
     print(f"student distilled           : {accuracy(student, xt, yt):.3f}")

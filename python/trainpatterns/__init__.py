@@ -14,6 +14,7 @@ from . import overfit, transfer
 from .callbacks import Callback
 from .overfit import distill, distillation_loss, overfit_check
 from .transfer import freeze, param_groups, unfreeze
+from .train import Trainer
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "PrefetchLoader",
     "device_prefetch",
     # issue 6
+    "Trainer",
     "transfer",
     "overfit",
     "Callback",
