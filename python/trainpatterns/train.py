@@ -366,7 +366,7 @@ class Trainer:
                 self.history.append(metrics)
                 self._save(metrics)
                 self._write_metrics(metrics)
-                if self.stop_training and not self.interpolation:
+                if self.stop_training:
                     break
         finally:
             if bar is not None:
