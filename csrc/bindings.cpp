@@ -2,6 +2,7 @@
 // arguments, releases the GIL and forwards to a kernel. Tensors never reach this file: the Python
 // side (python/trainpatterns/_kernels.py) turns them into addresses, counts and dtype tags.
 #include <pybind11/pybind11.h>
+#include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
 #include <cstdint>
@@ -11,6 +12,7 @@
 #include "common/cpu_kernels.h"
 #include "common/params.h"
 #include "comm/comm_kernels.h"
+#include "loader/prefetcher.h"
 #ifdef TP_WITH_CUDA
 #include "common/cuda_api.h"
 #endif
@@ -92,6 +94,39 @@ py::dict build_info() {
 #endif
   info["version"] = TP_VERSION;
   return info;
+}
+
+// ---- loader: DLPack capsules of the prefetcher's batch views ----
+// A capsule torch has consumed is renamed "used_dltensor" and owned by torch (its tensor's deleter
+// releases the view); one never consumed still owns its view and releases it here.
+void dlpack_capsule_destructor(PyObject* cap) {
+  if (!PyCapsule_IsValid(cap, "dltensor")) return;
+  auto* t = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
+  if (t != nullptr && t->deleter != nullptr) t->deleter(t);
+}
+
+// The next batch as (seq, rows, [one capsule per source]), or None when none came within timeout.
+py::object prefetcher_next(tp::loader::Prefetcher& p, double timeout_s) {
+  tp::loader::TakenBatch b{};
+  bool got;
+  {
+    py::gil_scoped_release release;
+    got = p.next(timeout_s, &b);
+  }
+  if (!got) return py::none();
+  const int n = static_cast<int>(p.num_sources());
+  std::vector<DLManagedTensor*> views;
+  for (int s = 0; s < n; ++s) views.push_back(p.export_view(b, s));
+  py::list caps;
+  for (int s = 0; s < n; ++s) {
+    PyObject* cap = PyCapsule_New(views[s], "dltensor", dlpack_capsule_destructor);
+    if (cap == nullptr) {
+      for (int r = s; r < n; ++r) views[r]->deleter(views[r]);
+      throw py::error_already_set();
+    }
+    caps.append(py::reinterpret_steal<py::object>(cap));
+  }
+  return py::make_tuple(b.seq, b.rows, caps);
 }
 
 }  // namespace
@@ -247,4 +282,61 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stream") = 0, "bucket[off_i + j] = wire(tensor_i[j] * scale); absent tensors pack as zeros.");
   m.def("bucket_unpack", bucket_op(false), py::arg("params"), py::arg("num_threads"), py::arg("device") = -1,
         py::arg("stream") = 0, "tensor_i[j] = dtype(bucket[off_i + j] * scale); absent tensors are skipped.");
+  // ---- loader (issue 3): the native prefetcher behind trainpatterns.data.PrefetchLoader ----
+  py::class_<tp::loader::Prefetcher>(m, "Prefetcher")
+      .def(py::init([](const std::vector<std::tuple<std::uintptr_t, int64_t, int, int, std::vector<int64_t>>>& sources,
+                       int64_t num_rows,
+                       int64_t batch_size, int prefetch, int num_threads,
+                       const std::vector<std::vector<std::uintptr_t>>& external, py::object /*owners*/) {
+             tp::loader::PrefetcherConfig cfg;
+             for (const auto& [addr, row_bytes, code, bits, trailing] : sources) {
+               if (code < 0 || code > 255 || bits < 8 || bits > 64)
+                 throw std::invalid_argument("a source has an invalid DLPack dtype");
+               const DLDataType dt{static_cast<uint8_t>(code), static_cast<uint8_t>(bits), 1};
+               cfg.sources.push_back({as_ptr<const uint8_t>(addr), row_bytes, dt, trailing});
+             }
+             for (const auto& slot : external) {
+               std::vector<uint8_t*> bufs;
+               for (std::uintptr_t a : slot) bufs.push_back(as_ptr<uint8_t>(a));
+               cfg.external.push_back(std::move(bufs));
+             }
+             cfg.num_rows = num_rows;
+             cfg.batch_size = batch_size;
+             cfg.prefetch = prefetch;
+             cfg.num_threads = num_threads;
+             return std::make_unique<tp::loader::Prefetcher>(std::move(cfg));
+           }),
+           py::kw_only(), py::arg("sources"), py::arg("num_rows"), py::arg("batch_size"), py::arg("prefetch"),
+           py::arg("num_threads"), py::arg("external"), py::arg("owners"),
+           py::keep_alive<1, 8>(),  // owners (the arrays the addresses point into) outlive the threads
+           "Start the gather threads. sources: (address, row bytes, DLPack type code, bits, row shape) per "
+           "source; external: per slot, one "
+           "buffer address per source (empty: the pool allocates its own memory).")
+      .def("push_epoch",
+           [](tp::loader::Prefetcher& p, py::array_t<int64_t, py::array::c_style> order, bool drop_last,
+              int64_t first_batch) {
+             if (order.ndim() != 1) throw std::invalid_argument("order must be a 1-D int64 array");
+             const int64_t* data = order.data();
+             const auto n = static_cast<size_t>(order.shape(0));
+             py::gil_scoped_release release;
+             return p.push_epoch(std::vector<int64_t>(data, data + n), drop_last, first_batch);
+           },
+           py::arg("order"), py::arg("drop_last"), py::arg("first_batch"),
+           "Append one epoch's batches (rows in `order`); returns how many were appended.")
+      .def("next", &prefetcher_next, py::arg("timeout"),
+           "(seq, rows, capsules) of the next batch, or None after `timeout` seconds; raises the error "
+           "of a failed gather.")
+      .def("close", [](tp::loader::Prefetcher& p) {
+             py::gil_scoped_release release;
+             p.close();
+           }, "Stop and join the threads (idempotent). Batches already handed out stay valid.")
+      .def("__enter__", [](py::object self) { return self; })
+      .def("__exit__", [](tp::loader::Prefetcher& p, py::args) {
+             py::gil_scoped_release release;
+             p.close();
+           })
+      .def_property_readonly("closed", &tp::loader::Prefetcher::closed)
+      .def_property_readonly("num_slots", &tp::loader::Prefetcher::num_slots)
+      .def_property_readonly("num_threads", &tp::loader::Prefetcher::num_threads)
+      .def_property_readonly("pushed", &tp::loader::Prefetcher::pushed);
 }

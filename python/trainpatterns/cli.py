@@ -1,14 +1,23 @@
-"""Command line: ``trainpatterns info`` and ``trainpatterns train``.
+"""Command line: ``trainpatterns train | overfit-check | plot | info`` (also ``python -m trainpatterns``).
 
-``train`` runs the built-in default job: a small MLP learns a noise-free physics surrogate (the
-damped pendulum's state after a fixed time, over its whole state space) with FusedAdamW, printing
-the loss as it falls. It needs no download and takes well under a minute on 2 CPU cores.
+``train`` with no data runs the built-in default job: a small MLP learns a noise-free physics
+surrogate (the damped pendulum's state after a fixed time, over its whole state space) in
+interpolation mode with FusedAdamW, through the Trainer (virtual epochs, checkpoints, metrics),
+printing the loss as it falls; it needs no download and takes about a minute on 2 CPU cores.
+``--data file.npz`` trains the same kind of MLP on the user's arrays (``x`` and ``y``, optionally
+``x_val`` and ``y_val``; integer ``y`` means classification). ``--resume`` continues a run
+directory. ``overfit-check`` runs the one-batch overfit check on the job's model, ``plot RUN_DIR``
+draws the loss per virtual epoch with the best checkpoint marked (needs the ``plot`` extra).
+
+Bad input (missing or malformed data, shape mismatches, a run directory that holds another run or
+another model) ends with a one-line error on stderr and exit code 2, before anything is written.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -56,34 +65,324 @@ def pendulum_data(n: int, t: float = 1.0, damping: float = 0.3, seed: int = 0) -
     return x.float(), s.float()
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from .optim import FusedAdamW
 
-    torch.manual_seed(args.seed)
-    x, y = pendulum_data(args.samples, seed=args.seed)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(2, 128), torch.nn.Tanh(), torch.nn.Linear(128, 128), torch.nn.Tanh(), torch.nn.Linear(128, 2)
-    )
-    opt = FusedAdamW(model.parameters(), lr=args.lr, weight_decay=0.0, max_grad_norm=1.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
-    loss_fn = torch.nn.MSELoss()
+class UsageError(Exception):
+    """Bad input from the command line: reported as one line, exit code 2."""
+
+
+# ----- jobs: data and model --------------------------------------------------------------------
+
+DEFAULTS = dict(data=None, samples=8192, steps=1500, batch_size=256, lr=3e-3, hidden=128, checkpoints=10,
+                seed=0, interpolation=None)
+
+
+def _load_npz(path: str) -> dict:
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise UsageError(f"data file {path} not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:  # zipfile.BadZipFile, ValueError (object arrays), OSError...
+        raise UsageError(f"{path} is not a readable .npz file of numeric arrays ({type(e).__name__}: {e})") from None
+    aliases = [("x", "y"), ("inputs", "targets"), ("X", "Y")]
+    pair = next(((a, b) for a, b in aliases if a in arrays and b in arrays), None)
+    if pair is None:
+        raise UsageError(f"{path} holds arrays {sorted(arrays)}: it needs 'x' and 'y' (inputs and targets)")
+    out = {"x": arrays[pair[0]], "y": arrays[pair[1]]}
+    if "x_val" in arrays or "y_val" in arrays:
+        if not ("x_val" in arrays and "y_val" in arrays):
+            raise UsageError(f"{path} has only one of 'x_val' and 'y_val'")
+        out["x_val"], out["y_val"] = arrays["x_val"], arrays["y_val"]
+    return out
+
+
+def _check_arrays(x, y, what: str) -> None:
+    import numpy as np
+
+    if x.ndim < 2:
+        raise UsageError(f"{what}x must have shape (rows, features...), got {x.shape}")
+    if x.shape[0] != y.shape[0]:
+        raise UsageError(f"{what}x has {x.shape[0]} rows but {what}y has {y.shape[0]}")
+    if x.shape[0] == 0:
+        raise UsageError(f"{what}x has no rows")
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise UsageError(f"{what}x must be real numbers, got dtype {x.dtype}")
+    if not (np.issubdtype(y.dtype, np.floating) or np.issubdtype(y.dtype, np.integer)):
+        raise UsageError(f"{what}y must be floats (regression) or integers (class labels), got dtype {y.dtype}")
+    if not np.isfinite(x).all() or (np.issubdtype(y.dtype, np.floating) and not np.isfinite(y).all()):
+        raise UsageError(f"{what}x or {what}y contains NaN or infinity")
+
+
+class Job:
+    """What ``train`` and ``overfit-check`` run: tensors, a model factory and the loss."""
+
+    def __init__(self, cfg: dict) -> None:
+        self.cfg = cfg
+        if cfg["data"] is None:
+            self.name = "pendulum"
+            x, y = pendulum_data(cfg["samples"], seed=cfg["seed"])
+            xv, yv = pendulum_data(max(cfg["samples"] // 8, 1), seed=cfg["seed"] + 1)
+            self.classes = None
+        else:
+            import numpy as np
+
+            self.name = os.path.splitext(os.path.basename(cfg["data"]))[0]
+            arrays = _load_npz(cfg["data"])
+            _check_arrays(arrays["x"], arrays["y"], "")
+            classification = np.issubdtype(arrays["y"].dtype, np.integer)
+            if classification and arrays["y"].ndim != 1:
+                raise UsageError(f"integer y (class labels) must be 1-D, got shape {arrays['y'].shape}")
+            if classification and arrays["y"].min() < 0:
+                raise UsageError("class labels in y must be >= 0")
+            if "x_val" in arrays:
+                _check_arrays(arrays["x_val"], arrays["y_val"], "val ")
+                if arrays["x_val"].shape[1:] != arrays["x"].shape[1:] or arrays["y_val"].shape[1:] != arrays["y"].shape[1:]:
+                    raise UsageError(f"x_val/y_val rows have shapes {arrays['x_val'].shape[1:]}/{arrays['y_val'].shape[1:]}"
+                                     f" but x/y rows {arrays['x'].shape[1:]}/{arrays['y'].shape[1:]}")
+                xs, ys, xv, yv = arrays["x"], arrays["y"], arrays["x_val"], arrays["y_val"]
+            else:  # hold out a tenth, seeded
+                n = arrays["x"].shape[0]
+                perm = np.random.default_rng(cfg["seed"]).permutation(n)
+                n_val = n // 10
+                xs, ys = arrays["x"][perm[n_val:]], arrays["y"][perm[n_val:]]
+                xv, yv = arrays["x"][perm[:n_val]], arrays["y"][perm[:n_val]]
+            to_y = (lambda a: torch.from_numpy(np.ascontiguousarray(a)).long()) if classification else (
+                lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)))
+            x = torch.from_numpy(np.ascontiguousarray(xs, dtype=np.float32))
+            y = to_y(ys)
+            xv = torch.from_numpy(np.ascontiguousarray(xv, dtype=np.float32)) if len(xv) else None
+            yv = to_y(yv) if xv is not None else None
+            self.classes = int(max(int(ys.max()), int(yv.max()) if yv is not None else 0)) + 1 if classification else None
+        self.x, self.y, self.x_val, self.y_val = x, y, xv, yv
+        self.loss_fn = torch.nn.CrossEntropyLoss() if self.classes else torch.nn.MSELoss()
+        self.loss_name = "loss" if self.classes else "mse"
+        default_interp = cfg["data"] is None  # the pendulum is noise-free and complete
+        self.interpolation = default_interp if cfg["interpolation"] is None else cfg["interpolation"]
+
+    def model(self) -> torch.nn.Module:
+        d_in = int(math.prod(self.x.shape[1:]))
+        d_out = self.classes or int(math.prod(self.y.shape[1:]) if self.y.dim() > 1 else 1)
+        h = self.cfg["hidden"]
+        layers = [torch.nn.Flatten(), torch.nn.Linear(d_in, h), torch.nn.Tanh(), torch.nn.Linear(h, h),
+                  torch.nn.Tanh(), torch.nn.Linear(h, d_out)]
+        if not self.classes and self.y.dim() == 1:
+            layers.append(torch.nn.Flatten(0))
+        elif not self.classes and self.y.dim() > 2:
+            layers.append(torch.nn.Unflatten(1, tuple(self.y.shape[1:])))
+        return torch.nn.Sequential(*layers)
+
+
+def _config(args: argparse.Namespace, saved: Optional[dict] = None) -> dict:
+    """The job configuration: explicit arguments, else the saved run's values, else defaults."""
+    cfg = {}
+    for key, default in DEFAULTS.items():
+        value = getattr(args, key, None)
+        if value is None and saved is not None and key in saved:
+            value = saved[key]
+        cfg[key] = default if value is None else value
+    for key in ("samples", "steps", "batch_size", "hidden", "checkpoints"):
+        if cfg[key] < 1:
+            raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
+    if not (cfg["lr"] > 0 and math.isfinite(cfg["lr"])):
+        raise UsageError(f"--lr must be a positive number, got {cfg['lr']}")
+    if cfg["data"] is not None:
+        cfg["data"] = os.path.abspath(cfg["data"])
+    return cfg
+
+
+def _set_threads(args: argparse.Namespace, cfg: dict) -> None:
+    threads = getattr(args, "threads", None)
+    if threads is None and cfg["data"] is None:
+        threads = 1
+    if threads is not None:
+        if threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+# ----- train ---------------------------------------------------------------------------------------
+
+def _print_line(text: str) -> None:
+    """One line on stdout, through tqdm so a progress bar on stderr stays intact."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(text, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .callbacks import Callback
+    from .checkpoint import VirtualEpochs
+    from .optim import FusedAdamW
+    from .train import Trainer
+
+    saved = None
+    if args.resume:
+        if args.run_dir is None:
+            raise UsageError("--resume needs --run-dir (the run directory to continue)")
+        cfg_path = os.path.join(args.run_dir, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise UsageError(f"--resume: {args.run_dir} holds no run (no config.json)")
+        try:
+            with open(cfg_path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--resume: cannot read {cfg_path} ({e})") from None
+    cfg = _config(args, saved)
+    _set_threads(args, cfg)
+    torch.manual_seed(cfg["seed"])
+    job = Job(cfg)
+    run_dir = args.run_dir or os.path.join("runs", f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if not args.resume and os.path.exists(run_dir) and os.listdir(run_dir):
+        raise UsageError(f"run directory {run_dir} is not empty: pass --resume to continue it, or choose another "
+                         f"--run-dir")
+    n = job.x.shape[0]
+    batch = min(cfg["batch_size"], n)
+    checkpoints = min(cfg["checkpoints"], cfg["steps"])
+    plan = VirtualEpochs(n, batch, stop_point=(cfg["steps"] * batch + 0.5) / n, num_checkpoints=checkpoints)
+    model = job.model()
+    opt = FusedAdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0 if job.interpolation else 0.01,
+                     max_grad_norm=1.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=plan.total_steps)
+    val = (job.x_val, job.y_val) if job.x_val is not None else None
+
+    class PrintEpochs(Callback):
+        def on_epoch_end(self, trainer, epoch, m):
+            line = (f"epoch {epoch + 1:3d}/{plan.num_epochs}  step {m['step']:6d}  train {job.loss_name} "
+                    f"{m['train_loss']:.3e}")
+            if "val_loss" in m:
+                line += f"  val {job.loss_name} {m['val_loss']:.3e}"
+            if "max_error" in m:
+                line += f"  max err {m['max_error']:.3e}"
+            line += f"  {m['samples_per_s']:,.0f} samples/s{'  *best' if m['best'] else ''}"
+            _print_line(line)
+
+    trainer = Trainer(model, job.loss_fn, opt, (job.x, job.y), val, checkpoint_dir=run_dir, plan=plan,
+                      scheduler=sched, callbacks=[PrintEpochs()], interpolation=job.interpolation,
+                      progress=not args.no_progress, seed=cfg["seed"], resume=bool(args.resume),
+                      num_threads=1 if cfg["data"] is None else None)
+    if args.resume:
+        step = trainer.restore()
+        if step is None:
+            raise UsageError(f"--resume: {run_dir} holds no usable checkpoint")
+        trainer.resume = False  # restored already
+        print(f"resumed {run_dir} at step {step} of {plan.total_steps}")
+    else:
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        kind = f"{job.classes}-class classification" if job.classes else "regression"
+        mode = ", interpolation mode" if job.interpolation else ""
+        print(f"training a {sum(p.numel() for p in model.parameters())}-parameter MLP on {job.name} "
+              f"({n} examples, {kind}{mode}; {plan.total_steps} steps in {plan.num_epochs} virtual epochs, "
+              f"FusedAdamW) -> {run_dir}")
+        with torch.no_grad():
+            init = trainer.evaluate((job.x, job.y))
+        print(f"epoch   0/{plan.num_epochs}  step      0  train {job.loss_name} {init:.3e}")
     start = time.perf_counter()
-    print(f"training a {sum(p.numel() for p in model.parameters())}-parameter MLP on the damped pendulum "
-          f"({args.samples} states, {args.steps} steps, FusedAdamW)")
-    gen = torch.Generator().manual_seed(args.seed)
-    for step in range(1, args.steps + 1):
-        idx = torch.randint(0, args.samples, (args.batch_size,), generator=gen)
-        loss = loss_fn(model(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step == 1 or step % max(1, args.steps // 10) == 0 or step == args.steps:
-            with torch.no_grad():
-                full = loss_fn(model(x), y).item()
-            print(f"step {step:5d}  train mse {full:.3e}  grad norm {opt.last_grad_norm.item():.3e}  "
-                  f"{time.perf_counter() - start:6.1f}s")
+    trainer.fit()
+    best = trainer.best or {}
+    print(f"done in {time.perf_counter() - start:.1f}s; best {trainer.metric} {best.get(trainer.metric, float('nan')):.3e} "
+          f"at virtual epoch {best.get('epoch')}; plot: trainpatterns plot {run_dir}")
     return 0
+
+
+# ----- overfit-check -------------------------------------------------------------------------------
+
+def _cmd_overfit_check(args: argparse.Namespace) -> int:
+    from .overfit import overfit_check
+
+    cfg = _config(args)
+    _set_threads(args, cfg)
+    torch.manual_seed(cfg["seed"])
+    job = Job(cfg)
+    rows = min(cfg["batch_size"], job.x.shape[0])
+    report = overfit_check(job.model(), (job.x[:rows], job.y[:rows]), job.loss_fn, steps=cfg["steps"],
+                           lr=cfg["lr"])
+    print(report)
+    return 0 if report.passed else 1
+
+
+# ----- plot ----------------------------------------------------------------------------------------
+
+def _read_metrics(run_dir: str) -> list:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isdir(run_dir):
+        raise UsageError(f"run directory {run_dir} not found")
+    if not os.path.isfile(path):
+        raise UsageError(f"{run_dir} holds no metrics.jsonl (is it a trainpatterns run directory?)")
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                float(row["epoch"]), float(row["train_loss"])
+            except (ValueError, KeyError, TypeError):
+                raise UsageError(f"{path} line {i} is not a metrics record") from None
+            rows.append(row)
+    if not rows:
+        raise UsageError(f"{path} is empty: no virtual epoch finished yet")
+    return rows
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    rows = _read_metrics(args.run_dir)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("trainpatterns plot needs matplotlib: pip install 'trainpatterns[plot]'") from None
+    out = args.out or os.path.join(args.run_dir, "loss.png")
+    epochs = [r["epoch"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train loss")
+    key = "val_loss" if any("val_loss" in r for r in rows) else "train_loss"
+    if key == "val_loss":
+        ax.plot(epochs, [r.get("val_loss", math.nan) for r in rows], "s-", label="validation loss")
+    if any("max_error" in r for r in rows):
+        ax.plot(epochs, [r.get("max_error", math.nan) for r in rows], "^--", label="max error (train set)")
+    best = min((r for r in rows if math.isfinite(r.get(key, math.nan))), key=lambda r: r[key], default=None)
+    if best is not None:
+        ax.plot([best["epoch"]], [best[key]], "*", markersize=16, color="crimson",
+                label=f"best checkpoint (virtual epoch {best['epoch']}, step {best.get('step')})")
+    values = [v for r in rows for v in (r.get("train_loss"), r.get(key), r.get("max_error"))
+              if isinstance(v, (int, float)) and v > 0]
+    if values and max(values) / min(values) > 20:
+        ax.set_yscale("log")
+    ax.set_xlabel("virtual epoch")
+    ax.set_ylabel("loss")
+    ax.set_title(os.path.basename(os.path.abspath(args.run_dir)))
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    try:
+        fig.savefig(out, dpi=100)
+    except OSError as e:
+        raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
+    print(f"wrote {out}")
+    return 0
+
+
+# ----- parser --------------------------------------------------------------------------------------
+
+def _job_arguments(p: argparse.ArgumentParser, steps_help: str) -> None:
+    p.add_argument("--data", metavar="FILE.npz", help="arrays x and y (optionally x_val, y_val); default: the "
+                                                      "built-in damped-pendulum task")
+    p.add_argument("--samples", type=int, help=f"pendulum states to generate (default {DEFAULTS['samples']})")
+    p.add_argument("--steps", type=int, help=steps_help)
+    p.add_argument("--batch-size", type=int, help=f"rows per step (default {DEFAULTS['batch_size']})")
+    p.add_argument("--lr", type=float, help=f"learning rate (default {DEFAULTS['lr']})")
+    p.add_argument("--hidden", type=int, help=f"MLP width (default {DEFAULTS['hidden']})")
+    p.add_argument("--seed", type=int, help="seed for data, initialisation and shuffling (default 0)")
+    p.add_argument("--threads", type=int, help="torch threads (default: 1 for the built-in job, whose small "
+                                               "MLP runs fastest on one; torch's default with --data)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,19 +391,38 @@ def build_parser() -> argparse.ArgumentParser:
     p_info = sub.add_parser("info", help="what the native module was built with")
     p_info.add_argument("--json", action="store_true", help="print as JSON")
     p_info.set_defaults(func=_cmd_info)
-    p_train = sub.add_parser("train", help="run the built-in default training job")
-    p_train.add_argument("--steps", type=int, default=1500)
-    p_train.add_argument("--samples", type=int, default=8192)
-    p_train.add_argument("--batch-size", type=int, default=256)
-    p_train.add_argument("--lr", type=float, default=3e-3)
-    p_train.add_argument("--seed", type=int, default=0)
+    p_train = sub.add_parser("train", help="train (the built-in default job without --data)")
+    _job_arguments(p_train, f"optimizer steps in total (default {DEFAULTS['steps']})")
+    p_train.add_argument("--checkpoints", type=int, help=f"virtual epochs = checkpoints (default {DEFAULTS['checkpoints']})")
+    p_train.add_argument("--run-dir", metavar="DIR", help="checkpoints, metrics.jsonl, config.json "
+                                                         "(default runs/<task>-<time>)")
+    p_train.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    p_train.add_argument("--interpolation", action=argparse.BooleanOptionalAction, default=None,
+                         help="interpolation mode: no regularisation, max-error metric (default on for the "
+                              "noise-free built-in task, off for --data)")
+    p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
     p_train.set_defaults(func=_cmd_train)
+    p_over = sub.add_parser("overfit-check", help="can the job's model fit one batch? (exit 1 if not)")
+    _job_arguments(p_over, "at most this many steps on the batch (default 1500)")
+    p_over.set_defaults(func=_cmd_overfit_check)
+    p_plot = sub.add_parser("plot", help="draw the loss per virtual epoch of a run (needs matplotlib)")
+    p_plot.add_argument("run_dir", metavar="RUN_DIR")
+    p_plot.add_argument("--out", metavar="FILE.png", help="default RUN_DIR/loss.png")
+    p_plot.set_defaults(func=_cmd_plot)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"trainpatterns {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # the library's clear errors (a checkpoint for another model, bad shapes)
+        text = str(e).strip().splitlines()
+        print(f"trainpatterns {args.command}: error: {text[0] if text else type(e).__name__}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

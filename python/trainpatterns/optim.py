@@ -118,7 +118,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"max_grad_norm must be a positive finite number or None, got {max_grad_norm}")
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.master_weights = bool(master_weights)
-        self._plans: dict[int, _GroupPlan] = {}
+        self._plans: dict = {}  # group index (or a step_subset key) -> _GroupPlan
         self._last_grad_norm: Optional[torch.Tensor] = None
         super().__init__(params, defaults)
 
@@ -211,17 +211,21 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _structure_key(self, group: dict) -> tuple:
         return ()
 
-    def _plan(self, gi: int, group: dict) -> _GroupPlan:
+    def _plan(self, gi: int, group: dict, grads: Optional[list] = None, key: object = None) -> _GroupPlan:
         """The cached plan of a group, refreshed as little as needed: when nothing changed, a few
         C-level passes (read ``.grad``, identity and address checks); when only the gradient
         tensors changed (``zero_grad(set_to_none=True)`` + backward, every step), a bulk check of
-        the new gradients and a rewrite of one table row; otherwise a rebuild."""
+        the new gradients and a rewrite of one table row; otherwise a rebuild. ``grads`` (default:
+        every parameter's ``.grad``) and ``key`` (default: the group index) let :meth:`step_subset`
+        cache plans over part of a group; None entries are skipped."""
         params = group["params"]
-        grads = list(map(_grad_of, params))
-        plan = self._plans.get(gi)
+        if grads is None:
+            grads = list(map(_grad_of, params))
+        key = gi if key is None else key
+        plan = self._plans.get(key)
         if (plan is not None and plan.params is params and plan.n_params == len(params)
                 and plan.key == self._structure_key(group) and plan.same_active_set(grads)
-                and plan.params_in_place()):
+                and plan.params_in_place() and self._owns_steps(plan)):
             picked = plan.pick(grads)
             if not plan.same_grads(picked):
                 self._refresh_grads(gi, plan, grads, picked)  # same active set, new gradient tensors
@@ -229,8 +233,21 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if plan.grads_in_place(picked):
                 return plan  # the fast path: nothing changed since the last step
         plan = self._build_plan(gi, group, grads)
-        self._plans[gi] = plan
+        # A plan's tables own the step counts of its parameters (state["step"] are views into
+        # them): plans over the same parameters under other keys now hold stale counts.
+        self._plans = {k: v for k, v in self._plans.items()
+                       if k == key or not isinstance(v, _GroupPlan) or v.params is not params
+                       or not set(v.active).intersection(plan.active)}
+        self._plans[key] = plan
         return plan
+
+    def _owns_steps(self, plan: _GroupPlan) -> bool:
+        """Whether the parameters' ``state["step"]`` are still views into this plan's step tensors
+        (a plan built later over the same parameters takes them over)."""
+        if not self._public_step or not plan.buckets:
+            return True
+        first = plan.buckets[0]
+        return self.state[plan.params[first.indices[0]]]["step"]._base is first.table.steps
 
     def _refresh_grads(self, gi: int, plan: _GroupPlan, grads: list, picked: list) -> None:
         """Point the tables at new gradient tensors. torch itself refuses a ``.grad`` of another
@@ -337,10 +354,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
         state, and parameters without a gradient are skipped. ``SyncDataParallel(optimizer=...)``
         calls it per bucket as soon as that bucket's all-reduce completes.
 
-        The pointer tables of each subset are cached like the full step's (in ``_plans``, so
-        ``load_state_dict`` and ``add_param_group`` invalidate them too). A subset table owns the
-        step counts of its parameters (``state["step"]`` are views into it), so building one drops
-        the full step's tables, and a subset table whose counts were taken over is rebuilt. Not with
+        The pointer tables of each subset are cached and refreshed exactly like the full step's
+        (:meth:`_plan`, keyed by the subset; ``load_state_dict`` and ``add_param_group`` invalidate
+        them too). A table owns the step counts of its parameters (``state["step"]`` are views into
+        it), so building one drops the other tables over the same parameters. Not with
         ``max_grad_norm`` or a GradScaler: they need every gradient before any update."""
         if self.max_grad_norm is not None:
             raise RuntimeError("step_subset cannot clip by the global gradient norm (max_grad_norm is set): "
@@ -364,24 +381,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 grads = [None] * len(group["params"])
                 for i in idx:
                     grads[i] = group["params"][i].grad
-                plan = self._plans.get(key + (gi,))
-                # The full step's checks (_plan), plus: the step counts are still this table's.
-                if (plan is not None and plan.same_active_set(grads) and plan.params_in_place()
-                        and not (self._public_step and any(
-                            self.state[group["params"][b.indices[0]]]["step"]._base is not b.table.steps
-                            for b in plan.buckets))):
-                    picked = plan.pick(grads)
-                    if not plan.same_grads(picked):
-                        self._refresh_grads(gi, plan, grads, picked)
-                    elif not plan.grads_in_place(picked):
-                        plan = None
-                else:
-                    plan = None
-                if plan is None:
-                    plan = self._build_plan(gi, group, grads)
-                    self._plans[key + (gi,)] = plan
-                    for stale in [k for k in self._plans if isinstance(k, int)]:
-                        del self._plans[stale]
+                plan = self._plan(gi, group, grads, key + (gi,))
                 for bucket in plan.buckets:
                     self._kernel(bucket.table, group, control, threads)
 

@@ -1,0 +1,528 @@
+"""Prefetching data loaders: ``PrefetchLoader`` and ``device_prefetch``.
+
+``PrefetchLoader`` serves shuffled batches of in-memory or memory-mapped arrays. Native threads
+(csrc/loader) gather the rows of upcoming batches into pooled buffers while the model computes, so
+the training loop only picks up finished batches (the tf.data ``prefetch`` pattern); there is no
+per-sample Python and no worker process. On a GPU each batch is copied from pinned host buffers to
+the device on a side stream, and the consumer's stream waits on that copy's event.
+
+``device_prefetch`` gives any iterable of tensors (a torch DataLoader, say) the same overlapped
+host-to-device copies.
+
+Invariants the tests hold us to:
+
+* The order is a function of ``(seed, epoch)`` only: epoch ``e`` visits
+  ``np.random.Generator(np.random.PCG64([seed, e])).permutation(n)`` (``arange(n)`` unshuffled),
+  batch ``b`` being rows ``b * batch_size`` up to ``(b + 1) * batch_size`` of it, never dependent
+  on thread count or timing.
+* The position (``state_dict()``) counts batches *handed to the user*, never prefetched ones.
+* A batch buffer is reused only after every tensor sharing its storage has been freed (and, on a
+  GPU, after its copy has completed): a batch the user holds never changes.
+"""
+from __future__ import annotations
+
+import os
+import weakref
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from . import _kernels
+
+__all__ = ["PrefetchLoader", "device_prefetch"]
+
+Sources = Union[Mapping[str, Any], Sequence[Any], np.ndarray, torch.Tensor]
+
+
+def _default_threads() -> int:
+    # Half the cores (at most 4): the rest stay with the model's own threads.
+    return max(1, min(4, (os.cpu_count() or 1) // 2))
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _resolve_device(device) -> torch.device:
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {dev} requested but torch.cuda.is_available() is False")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise ValueError(f"device must be None, 'cpu' or a CUDA device, got {dev}")
+    return dev
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The rows epoch ``epoch`` visits, in order (int64): a permutation drawn from (seed, epoch)."""
+    if not shuffle:
+        return np.arange(num_rows, dtype=np.int64)
+    return np.random.Generator(np.random.PCG64([seed, epoch])).permutation(num_rows).astype(np.int64, copy=False)
+
+
+class _DeviceStage:
+    """Host-to-device copies on a side stream, handed to whichever stream the consumer runs on.
+
+    ``start`` enqueues the copies and records an event; ``hand`` makes the consumer's current
+    stream wait on that event (no host synchronisation) and marks the tensors as used there, so the
+    caching allocator does not recycle them while the consumer's work is queued. What a copy reads
+    (its ``payload``: the host tensors, staging buffers) stays referenced until the copy's event has
+    completed; ``reap`` returns the payloads that may be reused."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.inflight: deque = deque()  # (event, payload) whose copy may still be running
+
+    def start(self, host: Sequence[torch.Tensor], payload: Any = None) -> tuple[list, Any]:
+        with torch.cuda.stream(self.stream):
+            dev = [h.to(self.device, non_blocking=True) for h in host]
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.inflight.append((event, (list(host), payload)))
+        return dev, event
+
+    def hand(self, dev: Sequence[torch.Tensor], event) -> list:
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(event)
+        for t in dev:
+            t.record_stream(current)
+        return list(dev)
+
+    def reap(self, block: bool = False) -> list:
+        """Payloads of the copies that are done; with ``block``, wait for the oldest one first."""
+        if block and self.inflight:
+            self.inflight[0][0].synchronize()
+        done = []
+        while self.inflight and self.inflight[0][0].query():
+            done.append(self.inflight.popleft()[1][1])
+        return done
+
+    def close(self) -> None:
+        """Wait for every copy still running (their events only) and drop what they read."""
+        for event, _ in self.inflight:
+            event.synchronize()
+        self.inflight.clear()
+
+
+class _Structure:
+    """How the user's sources were given (dict, tuple, list or one array): batches come back alike."""
+
+    def __init__(self, sources: Sources):
+        if isinstance(sources, Mapping):
+            self.kind, self.keys = "dict", list(sources.keys())
+            arrays = [sources[k] for k in self.keys]
+            names = [repr(k) for k in self.keys]
+        elif isinstance(sources, (np.ndarray, torch.Tensor)):
+            self.kind, self.keys, arrays, names = "single", None, [sources], ["0"]
+        elif isinstance(sources, (tuple, list)):
+            self.kind = "tuple" if isinstance(sources, tuple) else "list"
+            self.keys, arrays = None, list(sources)
+            names = [str(i) for i in range(len(arrays))]
+        else:
+            raise TypeError(f"sources must be a dict, tuple or list of arrays (or one array), "
+                            f"got {type(sources).__name__}")
+        if not arrays:
+            raise ValueError("sources is empty: give at least one array")
+        self.arrays, self.names = arrays, names
+
+    def build(self, tensors: list):
+        if self.kind == "dict":
+            return dict(zip(self.keys, tensors))
+        if self.kind == "single":
+            return tensors[0]
+        return tuple(tensors) if self.kind == "tuple" else list(tensors)
+
+
+class PrefetchLoader:
+    """Shuffled batches of arrays, gathered ahead of time by native threads.
+
+    Args:
+        sources: a dict, tuple or list of numpy arrays, ``np.memmap``s or CPU torch tensors (or one
+            of them), all with the same first dimension (rows) and contiguous. Dtypes: float32/64/16,
+            bfloat16 (torch tensors), int64/32/16/8, uint8, bool; any trailing shape. Batches come
+            back in the same structure, as torch tensors on ``device``.
+        batch_size: rows per batch (>= 1).
+        shuffle: visit rows in a fresh permutation each epoch, drawn from ``(seed, epoch)``.
+        seed: the permutation seed (>= 0).
+        drop_last: drop an epoch's last, short batch.
+        prefetch: batches gathered ahead of the consumer (>= 1).
+        num_threads: gather threads (default: half the cores, at most 4). The result never
+            depends on it.
+        device: ``None``/``"cpu"``, or a CUDA device: batches are then copied from pinned host
+            buffers on a side stream, overlapping the consumer's work.
+        transform: called with each batch (on the consumer side, after the device copy); what it
+            returns is what the loop receives.
+        epochs: epoch boundaries one iteration crosses: ``1`` (default) runs the rest of the
+            current epoch, like one pass of a DataLoader; ``None`` runs forever, drawing a fresh
+            permutation every epoch (for training by steps or virtual epochs).
+
+    Iterating continues from the current position (``epoch``, ``batch``): after an uninterrupted
+    ``for`` loop the loader stands at the start of the next epoch, so ``for epoch in range(E): for
+    batch in loader: ...`` sees E different permutations. Only one iteration runs at a time: a new
+    ``iter()`` closes the previous one. ``len()`` is batches per epoch (also in endless mode).
+    ``close()``, leaving a ``for`` loop early, or dropping the iterator stop the threads; batches
+    already handed out stay valid.
+    """
+
+    def __init__(self, sources: Sources, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                 drop_last: bool = False, prefetch: int = 2, num_threads: Optional[int] = None,
+                 device: Union[None, str, torch.device] = None,
+                 transform: Optional[Callable[[Any], Any]] = None, epochs: Optional[int] = 1):
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.prefetch = _check_int("prefetch", prefetch, 1)
+        self.num_threads = _default_threads() if num_threads is None else _check_int("num_threads", num_threads, 1)
+        self.seed = _check_int("seed", seed, 0)
+        self.epochs = None if epochs is None else _check_int("epochs", epochs, 1)
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform must be callable, got {type(transform).__name__}")
+        self.shuffle, self.drop_last, self.transform = bool(shuffle), bool(drop_last), transform
+        self.device = _resolve_device(device)
+        self._structure = _Structure(sources)
+        self._sources = [_kernels.loader_source(n, a) for n, a in zip(self._structure.names, self._structure.arrays)]
+        rows = {s.num_rows for s in self._sources}
+        if len(rows) != 1:
+            lengths = ", ".join(f"{s.name}: {s.num_rows}" for s in self._sources)
+            raise ValueError(f"sources have different lengths (first dimensions): {lengths}")
+        self.num_rows = rows.pop()
+        self._epoch = 0
+        self._batch = 0  # batches of the current epoch handed to the user
+        self._pinned: Optional[list] = None  # CUDA: the pinned host pool, allocated once
+        self._active: Optional[weakref.ref] = None
+
+    # ---- position ----
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        if self.drop_last:
+            return self.num_rows // self.batch_size
+        return -(-self.num_rows // self.batch_size)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch comes from."""
+        return self._epoch
+
+    @property
+    def batch(self) -> int:
+        """Batches of the current epoch already handed to the user."""
+        return self._batch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next iteration at the first batch of ``epoch`` (closes a running iteration)."""
+        epoch = _check_int("epoch", epoch, 0)
+        self._stop_active()
+        self._epoch, self._batch = epoch, 0
+
+    def state_dict(self) -> dict:
+        """The position after the last batch handed to the user (prefetched ones do not count)."""
+        return dict(seed=self.seed, epoch=self._epoch, batch=self._batch, num_rows=self.num_rows,
+                    batch_size=self.batch_size, drop_last=self.drop_last, shuffle=self.shuffle)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume at a saved position: the next batches are exactly those the saved loader would
+        have yielded. The data layout (rows, batch size, drop_last, shuffle) must match."""
+        missing = {"seed", "epoch", "batch"} - set(state)
+        if missing:
+            raise KeyError(f"loader state is missing {sorted(missing)}")
+        for key in ("num_rows", "batch_size", "drop_last", "shuffle"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"loader state has {key}={state[key]!r} but this loader has "
+                                 f"{getattr(self, key)!r}: resuming would not reproduce the batches")
+        seed, epoch, batch = (_check_int(k, state[k], 0) for k in ("seed", "epoch", "batch"))
+        if batch > len(self):
+            raise ValueError(f"loader state batch={batch} exceeds the {len(self)} batches of an epoch")
+        self._stop_active()
+        self.seed, self._epoch, self._batch = seed, epoch, batch
+        if self._batch == len(self) and len(self) > 0:
+            self._epoch, self._batch = self._epoch + 1, 0
+
+    # ---- iteration ----
+    def __iter__(self) -> "_LoaderIterator":
+        self._stop_active()
+        it = _LoaderIterator(self)
+        self._active = weakref.ref(it)
+        return it
+
+    def close(self) -> None:
+        """Stop the running iteration's threads (the loader itself can be iterated again)."""
+        self._stop_active()
+
+    def __enter__(self) -> "PrefetchLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self._stop_active()
+        except Exception:  # interpreter shutdown: nothing left to stop
+            pass
+
+    def _stop_active(self) -> None:
+        it = self._active() if self._active is not None else None
+        if it is not None:
+            it.close()
+        self._active = None
+
+    def _pinned_pool(self) -> list:
+        """Pinned host buffers for the CUDA path: per slot, one per source; allocated once."""
+        if self._pinned is None:
+            slots = self.prefetch + 3  # in flight + the one being copied + the one handed + spare
+            self._pinned = [[torch.empty(max(1, self.batch_size * s.row_bytes), dtype=torch.uint8, pin_memory=True)
+                             for s in self._sources] for _ in range(slots)]
+        return self._pinned
+
+    def _advance(self, n_batches: int) -> bool:
+        """One batch was handed to the user: move the position. True when a new epoch began."""
+        self._batch += 1
+        if self._batch == n_batches:
+            self._epoch, self._batch = self._epoch + 1, 0
+            return True
+        return False
+
+
+class _LoaderIterator:
+    """One iteration of a PrefetchLoader: owns the native threads until exhausted or closed."""
+
+    def __init__(self, loader: PrefetchLoader):
+        self._loader = loader
+        self._n = len(loader)
+        self._closed = False
+        self._native = None
+        self._stage: Optional[_DeviceStage] = None
+        self._copies: deque = deque()  # CUDA: (device tensors, event) copied ahead, not yet handed
+        # Batches this iteration still hands out (None: endless); epochs pushed to the threads.
+        if self._n == 0:
+            self._remaining: Optional[int] = 0
+        elif loader.epochs is None:
+            self._remaining = None
+        else:
+            self._remaining = (self._n - loader._batch) + (loader.epochs - 1) * self._n
+        self._next_push = loader._epoch  # next epoch whose batches go to the threads
+        self._to_take = 0  # batches scheduled for the threads but not taken from them yet
+        if self._remaining == 0:
+            self._closed = True
+            return
+        external = ()
+        if loader.device.type == "cuda":
+            self._stage = _DeviceStage(loader.device)
+            external = loader._pinned_pool()
+        self._native = _kernels.make_prefetcher(loader._sources, batch_size=loader.batch_size,
+                                                prefetch=loader.prefetch, num_threads=loader.num_threads,
+                                                external=external)
+        # Drawing a permutation of a million rows takes tens of milliseconds: a helper thread draws
+        # and pushes each epoch's order (numpy releases the GIL while shuffling), one epoch ahead,
+        # so the consumer never waits at an epoch boundary. One worker: epochs arrive in order.
+        self._pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainpatterns-order")
+        self._pushes: deque = deque()  # futures of scheduled pushes, oldest first
+        self._schedule_epoch(first_batch=loader._batch)
+        self._schedule_epoch(first_batch=0)  # the following epoch too, so no stall at the boundary
+
+    def _schedule_epoch(self, first_batch: int) -> None:
+        ld = self._loader
+        count = self._n - first_batch
+        if self._remaining is not None:
+            count = min(count, self._remaining - self._to_take - len(self._copies))
+            if count <= 0:
+                return  # everything this iteration hands out is already scheduled
+        self._pushes.append(self._pusher.submit(_push_epoch, self._native, ld.num_rows, ld.seed, self._next_push,
+                                                ld.shuffle, ld.drop_last, first_batch))
+        self._to_take += count
+        self._next_push += 1
+
+    def _check_pushes(self) -> None:
+        """Raise what a finished push raised (runs while waiting for a batch)."""
+        while self._pushes and self._pushes[0].done():
+            self._pushes.popleft().result()
+
+    def __iter__(self) -> "_LoaderIterator":
+        return self
+
+    def _on_wait(self) -> None:
+        self._check_pushes()
+        if self._stage is not None:
+            self._stage.reap(block=True)  # the threads may be short of pinned buffers
+
+    def _take_host(self) -> list:
+        _, tensors = _kernels.next_batch(self._native, on_wait=self._on_wait)
+        self._to_take -= 1
+        return tensors
+
+    def __next__(self):
+        if self._closed:
+            raise StopIteration
+        if self._remaining == 0:
+            self.close()
+            raise StopIteration
+        ld = self._loader
+        try:
+            if self._stage is None:
+                tensors = self._take_host()
+            else:
+                self._stage.reap()  # host buffers whose copy is done go back to the pool
+                # Keep one copy queued behind the batch handed now, so it overlaps the user's work.
+                while self._to_take > 0 and len(self._copies) < 2:
+                    self._copies.append(self._stage.start(self._take_host()))
+                tensors = self._stage.hand(*self._copies.popleft())
+            batch = ld._structure.build(tensors)
+            if ld.transform is not None:
+                batch = ld.transform(batch)
+        except BaseException:
+            # A failed gather, a failing transform or Ctrl-C ends the iteration and stops the
+            # threads now; the position still counts only batches handed out, so iterating again
+            # resumes at the batch that was not delivered.
+            self.close()
+            raise
+        if self._remaining is not None:
+            self._remaining -= 1
+        if ld._advance(self._n):
+            self._schedule_epoch(first_batch=0)
+        return batch
+
+    def close(self) -> None:
+        """Stop the threads and wait for in-flight copies; idempotent."""
+        if self._native is not None:
+            self._native.close()  # a push still queued now fails quietly (see _push_epoch)
+            self._pusher.shutdown(wait=True, cancel_futures=True)
+            self._pushes.clear()
+            self._native = None
+        if self._stage is not None:
+            self._copies.clear()
+            self._stage.close()
+            self._stage = None
+        self._closed = True
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+
+def _push_epoch(native, num_rows: int, seed: int, epoch: int, shuffle: bool, drop_last: bool,
+                first_batch: int) -> None:
+    """Draw one epoch's order and hand it to the native threads (runs on the helper thread; it
+    holds no reference to the iterator, so dropping the iterator is never delayed by it)."""
+    order = epoch_order(num_rows, seed, epoch, shuffle)
+    if native.closed:
+        return
+    try:
+        native.push_epoch(order, drop_last, first_batch)
+    except RuntimeError:
+        if not native.closed:  # closed in the meantime: nobody waits for this epoch any more
+            raise
+
+
+def _map_leaves(item, fn, is_leaf: Callable[[Any], bool]):
+    """Apply ``fn`` to every leaf of a (nested) dict / list / tuple / namedtuple; others pass through."""
+    if is_leaf(item):
+        return fn(item)
+    if isinstance(item, Mapping):
+        return {k: _map_leaves(v, fn, is_leaf) for k, v in item.items()}
+    if isinstance(item, tuple) and hasattr(item, "_fields"):  # namedtuple
+        return type(item)(*(_map_leaves(v, fn, is_leaf) for v in item))
+    if isinstance(item, (list, tuple)):
+        return type(item)(_map_leaves(v, fn, is_leaf) for v in item)
+    return item
+
+
+def _is_tensor(x) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+class _Slot(int):
+    """A tensor's position in an item's flat list (a leaf type no user item contains)."""
+
+
+class _PinnedPool:
+    """Reusable pinned staging buffers, in power-of-two size classes from 4 KiB, for tensors that
+    are not pinned already. A buffer comes back (``give_back``) only after its copy is done."""
+
+    def __init__(self):
+        self._free: dict = {}
+
+    def stage(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a pinned copy of ``t``, the pool buffer holding it)."""
+        nbytes = t.numel() * t.element_size()
+        size = 1 << max(12, (max(nbytes, 1) - 1).bit_length())
+        free = self._free.get(size)
+        buf = free.pop() if free else torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        view = buf[:nbytes].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        return view, buf
+
+    def give_back(self, buffers: Iterable[torch.Tensor]) -> None:
+        for buf in buffers:
+            self._free.setdefault(buf.numel(), []).append(buf)
+
+
+def device_prefetch(iterable: Iterable, device: Union[str, torch.device], *, prefetch: int = 2) -> Iterator:
+    """Yield the items of ``iterable`` with their tensors on ``device``, copying ahead.
+
+    Items may be tensors or (nested) dicts / lists / tuples of them (what a DataLoader yields);
+    other leaves pass through. On CUDA, up to ``prefetch`` items are copied ahead on a side stream
+    (from the item's own memory when pinned, e.g. ``DataLoader(pin_memory=True)``, otherwise from
+    pooled pinned staging buffers, reused once their copy is done); each item is handed over by
+    making the consumer's current stream wait on its copy's event, never by synchronising the
+    device. On the CPU the items are yielded as they come (tensors moved to the CPU if needed).
+    """
+    dev = _resolve_device(device)
+    prefetch = _check_int("prefetch", prefetch, 1)
+    return _device_prefetch(iterable, dev, prefetch)
+
+
+def _device_prefetch(iterable: Iterable, dev: torch.device, prefetch: int) -> Iterator:
+    if dev.type == "cpu":
+        for item in iterable:
+            yield _map_leaves(item, lambda t: t.to(dev), _is_tensor)
+        return
+    stage = _DeviceStage(dev)
+    pool = _PinnedPool()
+    queue: deque = deque()  # (item with _Slot leaves, device tensors, event), copied ahead
+
+    def start(item) -> None:
+        host: list = []
+        buffers: list = []
+
+        def collect(t: torch.Tensor) -> _Slot:
+            if t.device.type == "cpu" and not t.is_pinned():
+                t, buf = pool.stage(t)
+                buffers.append(buf)
+            host.append(t)
+            return _Slot(len(host) - 1)
+
+        skeleton = _map_leaves(item, collect, _is_tensor)
+        dev_tensors, event = stage.start(host, payload=buffers)
+        queue.append((skeleton, dev_tensors, event))
+
+    it = iter(iterable)
+    try:
+        exhausted = False
+        while True:
+            while not exhausted and len(queue) < prefetch + 1:
+                try:
+                    item = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                start(item)
+            if not queue:
+                return
+            skeleton, dev_tensors, event = queue.popleft()
+            handed = stage.hand(dev_tensors, event)
+            for buffers in stage.reap():
+                pool.give_back(buffers)
+            yield _map_leaves(skeleton, lambda i: handed[i], lambda x: isinstance(x, _Slot))
+    finally:
+        queue.clear()
+        stage.close()
