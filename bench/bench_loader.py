@@ -93,6 +93,9 @@ def main() -> int:
     p.add_argument("--loader-threads", type=int, default=2, help="PrefetchLoader num_threads (default 2)")
     p.add_argument("--row-batches", type=int, default=None,
                    help="batches timed for the per-row DataLoaders (default 200, --quick 40)")
+    p.add_argument("--pin-cores", action="store_true",
+                   help="overlap case: consumer on CPU 0, loader threads on the others (on a busy shared box "
+                        "the scheduler otherwise tends to put a woken loader thread on the consumer's core)")
     args = p.parse_args()
     apply_threads(args.threads)
     rows = args.rows or (100_000 if args.quick else 1_000_000)
@@ -180,7 +183,14 @@ def main() -> int:
 
         overlap_loader = PrefetchLoader((x, y), BATCH, shuffle=True, seed=0, num_threads=1, prefetch=4,
                                         epochs=None)
+        cpus = sorted(os.sched_getaffinity(0))
+        pinned = args.pin_cores and len(cpus) > 1
+        if pinned:  # threads inherit the creating thread's affinity: create them on the other cores
+            os.sched_setaffinity(0, cpus[1:])
         overlap_it = iter(overlap_loader)
+        next(overlap_it)
+        if pinned:
+            os.sched_setaffinity(0, cpus[:1])
 
         def overlapped():
             for _ in range(overlap_batches):
@@ -205,8 +215,11 @@ def main() -> int:
         wait_slowdown = ov_t["ours + wait"] / ov_t["wait only"]
         overlap_it.close()
         torch.set_num_threads(torch_threads)
+        if pinned:
+            os.sched_setaffinity(0, cpus)
         slowdown = ov_t["ours + compute"] / ov_t["compute only"]
-        print(f"\noverlap (1 torch thread + 1 loader thread): {overlap_batches} batches, matmul {BATCH}x{FEATURES} @ {FEATURES}x{width} "
+        print(f"\noverlap (1 torch thread + 1 loader thread{', pinned to separate cores' if pinned else ''}): "
+              f"{overlap_batches} batches, matmul {BATCH}x{FEATURES} @ {FEATURES}x{width} "
               f"({per * 1e3:.2f} ms vs {load_s * 1e3:.2f} ms to load a batch)")
         print(f"  compute only {ov_t['compute only']:.3f} s   ours + compute {ov_t['ours + compute']:.3f} s   "
               f"slowdown {slowdown:.3f}x")
@@ -233,7 +246,7 @@ def main() -> int:
         del ours, overlap_loader, overlap_it, dl_row2, x
         write_json(args.json, dict(
             benchmark="bench_loader", environment=env, rows=rows, batch=BATCH, features=FEATURES,
-            loader_threads=args.loader_threads, row_batches=row_n,
+            loader_threads=args.loader_threads, row_batches=row_n, pin_cores=pinned,
             throughput=[dict(r.to_dict(), samples_per_call=samples[r.name], samples_per_s=rate[r.name])
                         for r in results],
             overlap=dict(batches=overlap_batches, matmul_width=width, results=[r.to_dict() for r in ov],

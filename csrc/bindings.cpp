@@ -285,8 +285,7 @@ PYBIND11_MODULE(_C, m) {
   // ---- loader (issue 3): the native prefetcher behind trainpatterns.data.PrefetchLoader ----
   py::class_<tp::loader::Prefetcher>(m, "Prefetcher")
       .def(py::init([](const std::vector<std::tuple<std::uintptr_t, int64_t, int, int, std::vector<int64_t>>>& sources,
-                       int64_t num_rows,
-                       int64_t batch_size, int prefetch, int num_threads,
+                       int64_t num_rows, int64_t batch_size, int prefetch, int num_threads,
                        const std::vector<std::vector<std::uintptr_t>>& external, py::object /*owners*/) {
              tp::loader::PrefetcherConfig cfg;
              for (const auto& [addr, row_bytes, code, bits, trailing] : sources) {

@@ -418,6 +418,18 @@ def test_device_prefetch_cpu_passthrough():
         device_prefetch(dl, "cpu", prefetch=0)
 
 
+def test_device_prefetch_keeps_nested_structure():
+    import collections
+
+    Pair = collections.namedtuple("Pair", "a b")
+    items = [{"x": torch.full((2, 3), float(i)), "meta": [Pair(torch.tensor([i]), "tag"), 7]} for i in range(4)]
+    got = list(device_prefetch(iter(items), torch.device("cpu"), prefetch=3))
+    assert len(got) == 4
+    for g, r in zip(got, items):
+        assert torch.equal(g["x"], r["x"]) and isinstance(g["meta"][0], Pair)
+        assert torch.equal(g["meta"][0].a, r["meta"][0].a) and g["meta"][0].b == "tag" and g["meta"][1] == 7
+
+
 def test_public_api():
     assert tp.PrefetchLoader is PrefetchLoader and tp.device_prefetch is device_prefetch
     assert "PrefetchLoader" in tp.__all__ and "device_prefetch" in tp.__all__

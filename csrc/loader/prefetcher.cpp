@@ -65,6 +65,11 @@ struct PoolState {
   std::deque<Epoch> epochs;
   int64_t pushed = 0;   // batches in all pushed epochs
   int64_t claimed = 0;  // next sequence number a worker will start
+  // Refill hysteresis: once `prefetch` batches are in flight, no new batch starts until the
+  // consumer has taken them down to half of that, so each wake-up of a sleeping worker (a
+  // scheduling delay on a busy machine) is paid once per prefetch/2 batches, not once per batch.
+  bool refill = true;
+  int64_t low_water = 0;
   int64_t chunk_rows = 1;  // rows per unit of work
   std::map<int64_t, InFlight> active;  // started batches with chunks not all finished
   int64_t taken = 0;    // next sequence number the consumer takes
@@ -82,7 +87,7 @@ struct PoolState {
   }
 
   bool can_start_locked() const {
-    if (claimed >= pushed || claimed - taken >= cfg.prefetch || !error.empty()) return false;
+    if (!refill || claimed >= pushed || claimed - taken >= cfg.prefetch || !error.empty()) return false;
     return owned || free_slot_locked() >= 0;
   }
 
@@ -181,6 +186,7 @@ Prefetcher::Prefetcher(PrefetcherConfig cfg) : st_(std::make_shared<PoolState>()
   st.slot_bytes = off;
   // The consumer holds the batch it works on and, while asking for the next, the previous one.
   st.keep = cfg.prefetch + 2;
+  st.low_water = cfg.prefetch / 2;
   // Each batch is split over the threads, in chunks of at least ~32 KiB so that claiming a
   // chunk (one lock) stays negligible next to copying it.
   int64_t bytes_per_row = 0;
@@ -286,12 +292,14 @@ bool Prefetcher::next(double timeout_s, TakenBatch* out) {
   out->seq = st.taken++;
   out->rows = d.rows;
   out->slot = d.slot;
+  if (st.claimed - st.taken <= st.low_water) st.refill = true;
   st.slots[d.slot].views = static_cast<int>(st.cfg.sources.size());
   // Epochs whose batches have all been taken are no longer needed by any worker.
   while (!st.epochs.empty() && st.epochs.front().first_seq + st.epochs.front().count <= st.taken)
     st.epochs.pop_front();
+  const bool wake = st.refill;
   lk.unlock();
-  st.work_cv.notify_all();  // one fewer batch in flight: a worker may start another
+  if (wake) st.work_cv.notify_all();  // below low water: workers may start batches again
   return true;
 }
 
@@ -334,6 +342,7 @@ void Prefetcher::worker() {
       seq = st.unclaimed_locked();
       if (seq < 0) {  // start the next batch: locate its rows, take a buffer
         seq = st.claimed++;
+        if (st.claimed - st.taken >= st.cfg.prefetch) st.refill = false;  // full: sleep until low water
         InFlight fresh;
         for (const Epoch& e : st.epochs) {
           if (seq < e.first_seq + e.count) {
