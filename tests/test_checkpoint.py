@@ -852,3 +852,19 @@ def test_crc_matches_zlib():
 def test_virtual_epochs_accepts_numpy_integers():
     plan = VirtualEpochs(np.int64(1000), np.int32(10), np.float64(2.5), np.int64(5))
     assert plan.steps_per_epoch == 2500 // 50 and isinstance(plan.total_steps, int)
+
+
+def test_a_corrupt_checkpoint_is_moved_aside_when_its_step_comes_again(tmp_path):
+    mgr, weights = _three_checkpoints(tmp_path)
+    flip_byte(tmp_path / "step_00000003" / "manifest.json", 40)
+    model = small_model(9)
+    state = {"model": model, "opt": tp.FusedAdamW(model.parameters(), lr=1e-2), "loader": Holder()}
+    with pytest.warns(RuntimeWarning):
+        assert mgr.restore(state) == 2
+    with pytest.warns(RuntimeWarning, match="replacing the unusable checkpoint"):
+        mgr.save(state, 3)
+    aside = [n for n in os.listdir(tmp_path) if ".corrupt-" in n]
+    assert len(aside) == 1 and aside[0].startswith("step_00000003")
+    assert [i.step for i in mgr.list(verify=True)] == [1, 2, 3]
+    with pytest.raises(CheckpointError, match="already exists"):
+        mgr.save(state, 3)  # a good one is never overwritten

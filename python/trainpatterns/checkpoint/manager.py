@@ -281,7 +281,7 @@ class CheckpointManager:
         rank, world = _dist()
         final = os.path.join(self.directory, f"step_{step:08d}")
         if os.path.exists(final):
-            raise CheckpointError(f"a checkpoint for step {step} already exists: {final}")
+            self._move_aside_if_bad(final, rank)
         job = self._snapshot(state, step, metrics, final, rank, world)
         if self.async_save:
             self._thread = threading.Thread(target=self._run, args=(job,), name="trainpatterns-checkpoint",
@@ -333,11 +333,15 @@ class CheckpointManager:
         to the device of the live object's tensor at the same place (else their saved device when
         present, else CPU). Every entry of ``state`` must be in the checkpoint; checkpoint entries
         absent from ``state`` are ignored with a warning. RNG states are restored unless ``rng=False``.
+        Entries are loaded in ``state``'s order; if an object's own ``load_state_dict`` raises (say,
+        a shape mismatch), the entries before it have been loaded.
         """
         self._join()
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict of name -> object, got {type(state).__qualname__}")
         self._check_state(state)
+        if which == "best" and not self.metric:  # checked on every rank, before any collective
+            raise ValueError("restore('best') needs the manager's metric= to rank checkpoints by")
         rank, world = _dist()
         if which in ("latest", "best"):
             steps = self._ranked_steps(which) if rank == 0 else []
@@ -387,6 +391,25 @@ class CheckpointManager:
         for name in state:
             if not isinstance(name, str) or not name:
                 raise TypeError(f"state keys must be non-empty strings, got {name!r}")
+
+    def _move_aside_if_bad(self, final: str, rank: int) -> None:
+        """A good checkpoint for this step is never overwritten (CheckpointError). A bad one (a run
+        that fell back past it reaches its step again) is renamed to ``<name>.corrupt-<time>``,
+        kept for inspection, so the new one can take its place."""
+        try:
+            problem = _check_files(final, _read_manifest(final), verify=False)
+        except CheckpointError as e:
+            problem = str(e)
+        if problem is None:
+            raise CheckpointError(f"a checkpoint for this step already exists: {final}")
+        if rank == 0:
+            aside = f"{final}.corrupt-{int(time.time())}"
+            warnings.warn(f"replacing the unusable checkpoint {final} ({problem}); the old one is now {aside}",
+                          RuntimeWarning, stacklevel=3)
+            try:
+                os.rename(final, aside)
+            except OSError as e:
+                raise CheckpointError(f"cannot move the unusable checkpoint {final} aside: {e.strerror or e}") from e
 
     def _is_per_rank(self, name: str, kind: str) -> bool:
         if self.per_rank is not None:
