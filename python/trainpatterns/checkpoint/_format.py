@@ -284,6 +284,7 @@ class Crc32:
 
 _CHUNK = 32 << 20  # bytes per write/read call: large enough for disk speed, small enough to pipeline hashing
 _SMALL = 1 << 16  # tensors below this size are gathered into one buffer before writing
+_PIECE = 1 << 20  # bytes copied then hashed at a time on restore: small enough to stay in L2
 
 
 def _bytes_view(t: torch.Tensor) -> memoryview:
@@ -407,11 +408,12 @@ def read_safetensors(path: str, expected: Optional[tuple[int, int]] = None, *,
     """Read a safetensors file into CPU tensors; verify (size, CRC-32) when ``expected`` is given.
     Returns (tensors by name, metadata). Nothing is unpickled.
 
-    The file is memory-mapped (private, copy-on-write) and hashed on the helper thread straight from
-    the page cache while the tensors are made. ``copy=True``: every tensor owns fresh memory.
-    ``copy=False``: tensors are views of the mapping where the file's alignment allows (no copy at
-    all); meant for values that are copied again right away, such as a module's state dict handed
-    to ``load_state_dict``. The mapping lives as long as the views."""
+    The file is memory-mapped (private, copy-on-write). ``copy=True``: every tensor owns fresh
+    memory, filled in pieces of ``_PIECE`` bytes, each hashed right after it is copied, while it is
+    still in cache: one pass over memory, as a plain read would be. ``copy=False``: tensors are
+    views of the mapping where the file's alignment allows (no copy at all), hashed on the helper
+    thread; meant for values that are copied again right away, such as a module's state dict
+    handed to ``load_state_dict``. The mapping lives as long as the views."""
     try:
         f = open(path, "rb", buffering=0)
     except OSError as e:
@@ -427,8 +429,9 @@ def read_safetensors(path: str, expected: Optional[tuple[int, int]] = None, *,
             raise CheckpointError(f"cannot map {path}: {e}") from e
     view = memoryview(mm)
     crc = Crc32()
-    for s in range(0, size, _CHUNK):
-        crc.update(view[s:s + _CHUNK])
+    if not copy:
+        for s in range(0, size, _CHUNK):
+            crc.update(view[s:s + _CHUNK])
     hlen = int.from_bytes(view[:8], "little")
     if hlen > size - 8 or hlen > 100 << 20:
         raise CheckpointError(f"{path}: header length {hlen} is impossible for a {size}-byte file")
@@ -442,6 +445,7 @@ def read_safetensors(path: str, expected: Optional[tuple[int, int]] = None, *,
     base = 8 + hlen
     out: dict[str, torch.Tensor] = {}
     pos = 0
+    value = crc32(view[:base]) if copy else 0  # copy=True: the running CRC, in file order
     try:
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             dtype = _ST_TO_DTYPE.get(info["dtype"])
@@ -460,14 +464,21 @@ def read_safetensors(path: str, expected: Optional[tuple[int, int]] = None, *,
                 out[name] = torch.frombuffer(mm, dtype=dtype, count=numel, offset=base + begin).view(shape)
             else:
                 t = torch.empty(shape, dtype=dtype)
-                t.reshape(-1).view(torch.uint8).copy_(torch.frombuffer(mm, dtype=torch.uint8, count=end - begin,
-                                                                       offset=base + begin))
+                dst = _bytes_view(t)
+                src = view[base + begin:base + end]
+                # memoryview assignment is one memcpy: no thread team per piece (torch's copy_ would
+                # start one, which stalls badly when the machine is oversubscribed)
+                for s in range(0, end - begin, _PIECE):
+                    dst[s:s + _PIECE] = src[s:s + _PIECE]
+                    if copy:
+                        value = crc32(dst[s:s + _PIECE], value)
                 out[name] = t
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path}: malformed safetensors header ({e!r})") from e
     if base + pos != size:
         raise CheckpointError(f"{path}: {size - base - pos} trailing bytes after the last tensor")
-    value = crc.value()
+    if not copy:
+        value = crc.value()
     if expected is not None and value != expected[1]:
         raise CheckpointError(f"{path} fails its checksum (CRC-32 {value:08x}, manifest {expected[1]:08x}): "
                               "the file is corrupt")
