@@ -40,7 +40,7 @@ import os
 import queue
 import threading
 import zlib
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch

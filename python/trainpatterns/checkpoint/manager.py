@@ -166,22 +166,24 @@ class _HostPool:
 
     def __init__(self) -> None:
         self._bufs: dict[tuple, torch.Tensor] = {}
+        self._pinned: dict[tuple, bool] = {}  # tracked here: Tensor.is_pinned() can start CUDA
         self._used: set = set()
 
     def get(self, key: tuple, like: torch.Tensor) -> torch.Tensor:
         self._used.add(key)
         buf = self._bufs.get(key)
         pin = like.is_cuda
-        if buf is None or buf.dtype != like.dtype or buf.shape != like.shape or buf.is_pinned() != pin:
+        if buf is None or buf.dtype != like.dtype or buf.shape != like.shape or self._pinned[key] != pin:
             buf = torch.empty(like.shape, dtype=like.dtype, pin_memory=pin)
             self._bufs[key] = buf
+            self._pinned[key] = pin
         return buf
 
     def trim(self) -> None:
         """Drop buffers the last save did not use (the state's structure changed)."""
         for key in list(self._bufs):
             if key not in self._used:
-                del self._bufs[key]
+                del self._bufs[key], self._pinned[key]
         self._used = set()
 
 
