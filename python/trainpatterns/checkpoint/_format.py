@@ -45,7 +45,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "crc32", "encode_tree", "decode_tree", "write_safetensors", "read_safetensors",
+__all__ = ["CheckpointError", "crc32", "DeferredSync", "encode_tree", "decode_tree", "write_safetensors", "read_safetensors",
            "write_json_file", "read_json_file", "fsync_dir", "Crc32"]
 
 
@@ -304,9 +304,11 @@ def _write_all(fd: int, buf, path: str) -> None:
         view = view[n:]
 
 
-def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[int, int]:
+def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *,
+                      defer_sync: Optional["DeferredSync"] = None) -> tuple[int, int]:
     """Write contiguous CPU tensors as one safetensors file at ``path`` (which must not exist) and
-    fsync it. Returns (size in bytes, CRC-32 of the file)."""
+    fsync it, or with ``defer_sync`` leave it open there to be fsynced later. Returns (size in
+    bytes, CRC-32 of the file)."""
     order = sorted(tensors, key=lambda k: -tensors[k].element_size())
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
@@ -341,10 +343,48 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dic
         if staging:
             crc.update(staging)
             _write_all(fd, staging, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    _finish(fd, path, defer_sync)
+    return 8 + len(head) + offset, crc.value()
+
+
+class DeferredSync:
+    """Files written but not yet fsynced, still open: one checkpoint's files are all written first
+    and fsynced together at the end, so the disk flushes one file while the next is being copied
+    into the page cache, instead of the writer waiting for each flush in turn. The descriptors stay
+    open until their fsync because Linux reports a background writeback error only to descriptors
+    that were open when it happened."""
+
+    def __init__(self) -> None:
+        self._files: list[tuple[int, str]] = []
+
+    def add(self, fd: int, path: str) -> None:
+        self._files.append((fd, path))
+
+    def sync_all(self) -> None:
+        """fsync every file (raising CheckpointError on the first failure) and close them all."""
+        try:
+            for fd, path in self._files:
+                _fsync(fd, path)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        files, self._files = self._files, []
+        for fd, _ in files:
+            os.close(fd)
+
+
+def _finish(fd: int, path: str, defer_sync: Optional[DeferredSync]) -> None:
+    if defer_sync is not None:
+        defer_sync.add(fd, path)
+        return
+    try:
         _fsync(fd, path)
     finally:
         os.close(fd)
-    return 8 + len(head) + offset, crc.value()
 
 
 def _open_new(path: str) -> int:
@@ -369,15 +409,17 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_json_file(path: str, obj: Any) -> tuple[int, int]:
-    """Write ``obj`` as JSON (strict: no NaN) to a new file, fsync it. Returns (size, CRC-32)."""
+def write_json_file(path: str, obj: Any, *, defer_sync: Optional[DeferredSync] = None) -> tuple[int, int]:
+    """Write ``obj`` as JSON (strict: no NaN) to a new file and fsync it (or defer that, as in
+    :func:`write_safetensors`). Returns (size, CRC-32)."""
     data = json.dumps(obj, allow_nan=False, separators=(",", ":")).encode("utf-8")
     fd = _open_new(path)
     try:
         _write_all(fd, data, path)
-        _fsync(fd, path)
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    _finish(fd, path, defer_sync)
     return len(data), crc32(data)
 
 

@@ -38,7 +38,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import numpy as np
 import torch
 
-from ._format import (CheckpointError, TensorSink, crc32, decode_tree, encode_tree, fsync_dir, read_json_file,
+from ._format import (CheckpointError, DeferredSync, TensorSink, crc32, decode_tree, encode_tree, fsync_dir, read_json_file,
                       read_safetensors, write_json_file, write_safetensors)
 from ._rng import capture_rng, restore_rng
 
@@ -512,14 +512,16 @@ class CheckpointManager:
         except OSError as e:
             raise CheckpointError(f"cannot create {job.tmp}: {e.strerror or e} (errno {e.errno}); "
                                   "no checkpoint was written, earlier ones are untouched") from e
+        pending = DeferredSync()
         try:
             sums = {}
             for fname, fmt, payload, metadata in job.files:
                 path = os.path.join(job.tmp, fname)
                 if fmt == "json":
-                    sums[fname] = write_json_file(path, payload)
+                    sums[fname] = write_json_file(path, payload, defer_sync=pending)
                 else:
-                    sums[fname] = write_safetensors(path, payload, metadata)
+                    sums[fname] = write_safetensors(path, payload, metadata, defer_sync=pending)
+            pending.sync_all()  # every data file is durable before its sums or manifest exist
             if job.rank != 0:
                 part = os.path.join(job.tmp, f"rank_{job.rank:05d}.sums.part")
                 write_json_file(part, {k: list(v) for k, v in sums.items()})
@@ -535,6 +537,7 @@ class CheckpointManager:
             os.rename(job.tmp, job.final)
             fsync_dir(self.directory)
         except BaseException as e:
+            pending.close()
             if job.rank == 0:
                 shutil.rmtree(job.tmp, ignore_errors=True)  # frees the space; it was never visible
             else:
