@@ -162,12 +162,25 @@ def run(root, state, model, opt, nbytes, repeats):
         for n in os.listdir(d):
             shutil.rmtree(os.path.join(d, n))
 
+    pending = {"f": None}  # DCP's last future
+
+    def settle():
+        """Every setup first lets both background writers (ours, DCP's) finish, so no timed call
+        shares the disk with an earlier variant's write."""
+        asynchronous.wait()
+        if pending["f"] is not None:
+            pending["f"].result()
+            pending["f"] = None
+
+    def after_settle(fn):
+        return lambda: (settle(), fn())
+
     def ours_blocking():
         steps["b"] += 1
         blocking.save(state, steps["b"])
 
     def ours_async_setup():
-        asynchronous.wait()
+        settle()
         clear_dir(async_dir)
 
     def ours_async():
@@ -175,9 +188,11 @@ def run(root, state, model, opt, nbytes, repeats):
         asynchronous.save(state, steps["a"])
 
     variants = [
-        Variant("disk floor", floor, setup=floor_paths.clear, bytes_per_call=nbytes, role="probe"),
-        Variant("torch.save+fsync", torch_save, setup=torch_paths.clear, bytes_per_call=nbytes, role="torch"),
-        Variant("ours blocking", ours_blocking, setup=lambda: clear_dir(block_dir), bytes_per_call=nbytes, role="ours"),
+        Variant("disk floor", floor, setup=after_settle(floor_paths.clear), bytes_per_call=nbytes, role="probe"),
+        Variant("torch.save+fsync", torch_save, setup=after_settle(torch_paths.clear), bytes_per_call=nbytes,
+                role="torch"),
+        Variant("ours blocking", ours_blocking, setup=after_settle(lambda: clear_dir(block_dir)), bytes_per_call=nbytes,
+                role="ours"),
         Variant("ours async stall", ours_async, setup=ours_async_setup, role="ours"),
     ]
     dcp_note = None
@@ -185,12 +200,9 @@ def run(root, state, model, opt, nbytes, repeats):
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         dcp_paths = Paths(root, "dcp")
-        pending = {"f": None}
 
         def dcp_setup():
-            if pending["f"] is not None:
-                pending["f"].result()
-                pending["f"] = None
+            settle()
             dcp_paths.clear()
 
         def dcp_async():
@@ -207,9 +219,7 @@ def run(root, state, model, opt, nbytes, repeats):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DCP warns that no process group is initialised
         results = measure(variants, repeats=repeats, warmup=1, min_sample_s=0.0, max_calls=1)
-        if dcp_note is None:
-            dcp_setup()  # the last DCP write
-    asynchronous.wait()
+        settle()
     if dcp_note is None:
         dcp_note = "async_save works on CPU without a process group (it warns); stall = its staging copy"
 

@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import time
-import warnings
 
 import numpy as np
 import pytest
@@ -852,3 +851,42 @@ def test_crc_matches_zlib():
 def test_virtual_epochs_accepts_numpy_integers():
     plan = VirtualEpochs(np.int64(1000), np.int32(10), np.float64(2.5), np.int64(5))
     assert plan.steps_per_epoch == 2500 // 50 and isinstance(plan.total_steps, int)
+
+
+def test_a_corrupt_checkpoint_is_moved_aside_when_its_step_comes_again(tmp_path):
+    mgr, weights = _three_checkpoints(tmp_path)
+    flip_byte(tmp_path / "step_00000003" / "manifest.json", 40)
+    model = small_model(9)
+    state = {"model": model, "opt": tp.FusedAdamW(model.parameters(), lr=1e-2), "loader": Holder()}
+    with pytest.warns(RuntimeWarning):
+        assert mgr.restore(state) == 2
+    with pytest.warns(RuntimeWarning, match="replacing the unusable checkpoint"):
+        mgr.save(state, 3)
+    aside = [n for n in os.listdir(tmp_path) if ".corrupt-" in n]
+    assert len(aside) == 1 and aside[0].startswith("step_00000003")
+    assert [i.step for i in mgr.list(verify=True)] == [1, 2, 3]
+    with pytest.raises(CheckpointError, match="already exists"):
+        mgr.save(state, 3)  # a good one is never overwritten
+
+
+def test_restore_never_unpickles(tmp_path, monkeypatch):
+    import pickle
+
+    model = small_model()
+    opt = tp.FusedAdamW(model.parameters(), lr=1e-2)
+    train_steps(model, opt, 2, seed=0)
+    mgr = CheckpointManager(tmp_path, async_save=False)
+    mgr.save({"model": model, "opt": opt, "loader": Holder({"pos": 3})}, 1)
+
+    def refuse(*a, **k):
+        raise AssertionError("restore tried to unpickle")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    model2 = small_model(4)
+    opt2 = tp.FusedAdamW(model2.parameters(), lr=1e-2)
+    assert mgr.restore({"model": model2, "opt": opt2, "loader": Holder()}) == 1
+    same(dict(model.state_dict()), dict(model2.state_dict()))
+    same(opt.state_dict(), opt2.state_dict())

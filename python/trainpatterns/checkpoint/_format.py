@@ -40,12 +40,12 @@ import os
 import queue
 import threading
 import zlib
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "crc32", "encode_tree", "decode_tree", "write_safetensors", "read_safetensors",
+__all__ = ["CheckpointError", "crc32", "DeferredSync", "encode_tree", "decode_tree", "write_safetensors", "read_safetensors",
            "write_json_file", "read_json_file", "fsync_dir", "Crc32"]
 
 
@@ -284,6 +284,7 @@ class Crc32:
 
 _CHUNK = 32 << 20  # bytes per write/read call: large enough for disk speed, small enough to pipeline hashing
 _SMALL = 1 << 16  # tensors below this size are gathered into one buffer before writing
+_PIECE = 1 << 20  # bytes copied then hashed at a time on restore: small enough to stay in L2
 
 
 def _bytes_view(t: torch.Tensor) -> memoryview:
@@ -303,9 +304,11 @@ def _write_all(fd: int, buf, path: str) -> None:
         view = view[n:]
 
 
-def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[int, int]:
+def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *,
+                      defer_sync: Optional["DeferredSync"] = None) -> tuple[int, int]:
     """Write contiguous CPU tensors as one safetensors file at ``path`` (which must not exist) and
-    fsync it. Returns (size in bytes, CRC-32 of the file)."""
+    fsync it, or with ``defer_sync`` leave it open there to be fsynced later. Returns (size in
+    bytes, CRC-32 of the file)."""
     order = sorted(tensors, key=lambda k: -tensors[k].element_size())
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
@@ -340,10 +343,48 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dic
         if staging:
             crc.update(staging)
             _write_all(fd, staging, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    _finish(fd, path, defer_sync)
+    return 8 + len(head) + offset, crc.value()
+
+
+class DeferredSync:
+    """Files written but not yet fsynced, still open: one checkpoint's files are all written first
+    and fsynced together at the end, so the disk flushes one file while the next is being copied
+    into the page cache, instead of the writer waiting for each flush in turn. The descriptors stay
+    open until their fsync because Linux reports a background writeback error only to descriptors
+    that were open when it happened."""
+
+    def __init__(self) -> None:
+        self._files: list[tuple[int, str]] = []
+
+    def add(self, fd: int, path: str) -> None:
+        self._files.append((fd, path))
+
+    def sync_all(self) -> None:
+        """fsync every file (raising CheckpointError on the first failure) and close them all."""
+        try:
+            for fd, path in self._files:
+                _fsync(fd, path)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        files, self._files = self._files, []
+        for fd, _ in files:
+            os.close(fd)
+
+
+def _finish(fd: int, path: str, defer_sync: Optional[DeferredSync]) -> None:
+    if defer_sync is not None:
+        defer_sync.add(fd, path)
+        return
+    try:
         _fsync(fd, path)
     finally:
         os.close(fd)
-    return 8 + len(head) + offset, crc.value()
 
 
 def _open_new(path: str) -> int:
@@ -368,15 +409,17 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_json_file(path: str, obj: Any) -> tuple[int, int]:
-    """Write ``obj`` as JSON (strict: no NaN) to a new file, fsync it. Returns (size, CRC-32)."""
+def write_json_file(path: str, obj: Any, *, defer_sync: Optional[DeferredSync] = None) -> tuple[int, int]:
+    """Write ``obj`` as JSON (strict: no NaN) to a new file and fsync it (or defer that, as in
+    :func:`write_safetensors`). Returns (size, CRC-32)."""
     data = json.dumps(obj, allow_nan=False, separators=(",", ":")).encode("utf-8")
     fd = _open_new(path)
     try:
         _write_all(fd, data, path)
-        _fsync(fd, path)
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    _finish(fd, path, defer_sync)
     return len(data), crc32(data)
 
 
@@ -407,11 +450,12 @@ def read_safetensors(path: str, expected: Optional[tuple[int, int]] = None, *,
     """Read a safetensors file into CPU tensors; verify (size, CRC-32) when ``expected`` is given.
     Returns (tensors by name, metadata). Nothing is unpickled.
 
-    The file is memory-mapped (private, copy-on-write) and hashed on the helper thread straight from
-    the page cache while the tensors are made. ``copy=True``: every tensor owns fresh memory.
-    ``copy=False``: tensors are views of the mapping where the file's alignment allows (no copy at
-    all); meant for values that are copied again right away, such as a module's state dict handed
-    to ``load_state_dict``. The mapping lives as long as the views."""
+    The file is memory-mapped (private, copy-on-write). ``copy=True``: every tensor owns fresh
+    memory, filled in pieces of ``_PIECE`` bytes, each hashed right after it is copied, while it is
+    still in cache: one pass over memory, as a plain read would be. ``copy=False``: tensors are
+    views of the mapping where the file's alignment allows (no copy at all), hashed on the helper
+    thread; meant for values that are copied again right away, such as a module's state dict
+    handed to ``load_state_dict``. The mapping lives as long as the views."""
     try:
         f = open(path, "rb", buffering=0)
     except OSError as e:
@@ -427,8 +471,9 @@ def read_safetensors(path: str, expected: Optional[tuple[int, int]] = None, *,
             raise CheckpointError(f"cannot map {path}: {e}") from e
     view = memoryview(mm)
     crc = Crc32()
-    for s in range(0, size, _CHUNK):
-        crc.update(view[s:s + _CHUNK])
+    if not copy:
+        for s in range(0, size, _CHUNK):
+            crc.update(view[s:s + _CHUNK])
     hlen = int.from_bytes(view[:8], "little")
     if hlen > size - 8 or hlen > 100 << 20:
         raise CheckpointError(f"{path}: header length {hlen} is impossible for a {size}-byte file")
@@ -442,6 +487,7 @@ def read_safetensors(path: str, expected: Optional[tuple[int, int]] = None, *,
     base = 8 + hlen
     out: dict[str, torch.Tensor] = {}
     pos = 0
+    value = crc32(view[:base]) if copy else 0  # copy=True: the running CRC, in file order
     try:
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             dtype = _ST_TO_DTYPE.get(info["dtype"])
@@ -460,14 +506,21 @@ def read_safetensors(path: str, expected: Optional[tuple[int, int]] = None, *,
                 out[name] = torch.frombuffer(mm, dtype=dtype, count=numel, offset=base + begin).view(shape)
             else:
                 t = torch.empty(shape, dtype=dtype)
-                t.reshape(-1).view(torch.uint8).copy_(torch.frombuffer(mm, dtype=torch.uint8, count=end - begin,
-                                                                       offset=base + begin))
+                dst = _bytes_view(t)
+                src = view[base + begin:base + end]
+                # memoryview assignment is one memcpy: no thread team per piece (torch's copy_ would
+                # start one, which stalls badly when the machine is oversubscribed)
+                for s in range(0, end - begin, _PIECE):
+                    dst[s:s + _PIECE] = src[s:s + _PIECE]
+                    if copy:
+                        value = crc32(dst[s:s + _PIECE], value)
                 out[name] = t
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path}: malformed safetensors header ({e!r})") from e
     if base + pos != size:
         raise CheckpointError(f"{path}: {size - base - pos} trailing bytes after the last tensor")
-    value = crc.value()
+    if not copy:
+        value = crc.value()
     if expected is not None and value != expected[1]:
         raise CheckpointError(f"{path} fails its checksum (CRC-32 {value:08x}, manifest {expected[1]:08x}): "
                               "the file is corrupt")

@@ -38,7 +38,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import numpy as np
 import torch
 
-from ._format import (CheckpointError, TensorSink, crc32, decode_tree, encode_tree, fsync_dir, read_json_file,
+from ._format import (CheckpointError, DeferredSync, TensorSink, crc32, decode_tree, encode_tree, fsync_dir, read_json_file,
                       read_safetensors, write_json_file, write_safetensors)
 from ._rng import capture_rng, restore_rng
 
@@ -166,22 +166,24 @@ class _HostPool:
 
     def __init__(self) -> None:
         self._bufs: dict[tuple, torch.Tensor] = {}
+        self._pinned: dict[tuple, bool] = {}  # tracked here: Tensor.is_pinned() can start CUDA
         self._used: set = set()
 
     def get(self, key: tuple, like: torch.Tensor) -> torch.Tensor:
         self._used.add(key)
         buf = self._bufs.get(key)
         pin = like.is_cuda
-        if buf is None or buf.dtype != like.dtype or buf.shape != like.shape or buf.is_pinned() != pin:
+        if buf is None or buf.dtype != like.dtype or buf.shape != like.shape or self._pinned[key] != pin:
             buf = torch.empty(like.shape, dtype=like.dtype, pin_memory=pin)
             self._bufs[key] = buf
+            self._pinned[key] = pin
         return buf
 
     def trim(self) -> None:
         """Drop buffers the last save did not use (the state's structure changed)."""
         for key in list(self._bufs):
             if key not in self._used:
-                del self._bufs[key]
+                del self._bufs[key], self._pinned[key]
         self._used = set()
 
 
@@ -281,7 +283,7 @@ class CheckpointManager:
         rank, world = _dist()
         final = os.path.join(self.directory, f"step_{step:08d}")
         if os.path.exists(final):
-            raise CheckpointError(f"a checkpoint for step {step} already exists: {final}")
+            self._move_aside_if_bad(final, rank)
         job = self._snapshot(state, step, metrics, final, rank, world)
         if self.async_save:
             self._thread = threading.Thread(target=self._run, args=(job,), name="trainpatterns-checkpoint",
@@ -333,11 +335,15 @@ class CheckpointManager:
         to the device of the live object's tensor at the same place (else their saved device when
         present, else CPU). Every entry of ``state`` must be in the checkpoint; checkpoint entries
         absent from ``state`` are ignored with a warning. RNG states are restored unless ``rng=False``.
+        Entries are loaded in ``state``'s order; if an object's own ``load_state_dict`` raises (say,
+        a shape mismatch), the entries before it have been loaded.
         """
         self._join()
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict of name -> object, got {type(state).__qualname__}")
         self._check_state(state)
+        if which == "best" and not self.metric:  # checked on every rank, before any collective
+            raise ValueError("restore('best') needs the manager's metric= to rank checkpoints by")
         rank, world = _dist()
         if which in ("latest", "best"):
             steps = self._ranked_steps(which) if rank == 0 else []
@@ -387,6 +393,25 @@ class CheckpointManager:
         for name in state:
             if not isinstance(name, str) or not name:
                 raise TypeError(f"state keys must be non-empty strings, got {name!r}")
+
+    def _move_aside_if_bad(self, final: str, rank: int) -> None:
+        """A good checkpoint for this step is never overwritten (CheckpointError). A bad one (a run
+        that fell back past it reaches its step again) is renamed to ``<name>.corrupt-<time>``,
+        kept for inspection, so the new one can take its place."""
+        try:
+            problem = _check_files(final, _read_manifest(final), verify=False)
+        except CheckpointError as e:
+            problem = str(e)
+        if problem is None:
+            raise CheckpointError(f"a checkpoint for this step already exists: {final}")
+        if rank == 0:
+            aside = f"{final}.corrupt-{int(time.time())}"
+            warnings.warn(f"replacing the unusable checkpoint {final} ({problem}); the old one is now {aside}",
+                          RuntimeWarning, stacklevel=3)
+            try:
+                os.rename(final, aside)
+            except OSError as e:
+                raise CheckpointError(f"cannot move the unusable checkpoint {final} aside: {e.strerror or e}") from e
 
     def _is_per_rank(self, name: str, kind: str) -> bool:
         if self.per_rank is not None:
@@ -487,14 +512,16 @@ class CheckpointManager:
         except OSError as e:
             raise CheckpointError(f"cannot create {job.tmp}: {e.strerror or e} (errno {e.errno}); "
                                   "no checkpoint was written, earlier ones are untouched") from e
+        pending = DeferredSync()
         try:
             sums = {}
             for fname, fmt, payload, metadata in job.files:
                 path = os.path.join(job.tmp, fname)
                 if fmt == "json":
-                    sums[fname] = write_json_file(path, payload)
+                    sums[fname] = write_json_file(path, payload, defer_sync=pending)
                 else:
-                    sums[fname] = write_safetensors(path, payload, metadata)
+                    sums[fname] = write_safetensors(path, payload, metadata, defer_sync=pending)
+            pending.sync_all()  # every data file is durable before its sums or manifest exist
             if job.rank != 0:
                 part = os.path.join(job.tmp, f"rank_{job.rank:05d}.sums.part")
                 write_json_file(part, {k: list(v) for k, v in sums.items()})
@@ -510,6 +537,7 @@ class CheckpointManager:
             os.rename(job.tmp, job.final)
             fsync_dir(self.directory)
         except BaseException as e:
+            pending.close()
             if job.rank == 0:
                 shutil.rmtree(job.tmp, ignore_errors=True)  # frees the space; it was never visible
             else:

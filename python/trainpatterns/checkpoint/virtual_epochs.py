@@ -124,6 +124,10 @@ class VirtualEpochs:
                 return
 
     def state_dict(self) -> dict[str, Any]:
+        """The plan's inputs, its cadence (``steps_per_epoch``), its length (``num_epochs``), progress
+        (``step``: optimizer steps done) and ``budget_examples``: the examples its virtual epochs
+        account for (the initial ``int(stop_point * num_examples)``, plus whole virtual epochs added
+        by growth)."""
         return {"num_examples": self.num_examples, "batch_size": self.batch_size, "stop_point": self.stop_point,
                 "num_checkpoints": self.num_checkpoints, "budget_examples": self.budget_examples,
                 "steps_per_epoch": self.steps_per_epoch, "num_epochs": self.num_epochs, "step": self.step}
