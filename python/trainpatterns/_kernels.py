@@ -8,7 +8,7 @@ Kernels never see torch objects, which is why the extension does not link libtor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -360,7 +360,6 @@ def bucket_unpack(table: BucketTable, bucket: torch.Tensor, scale: float = 1.0, 
     dev, stream = _launch(table.device)
     _C.bucket_unpack(_bucket_params(table, bucket, scale), num_threads, dev, stream)
 # ---- loader (issue 3): sources, the native prefetcher, and its batch views ----
-from typing import Callable  # noqa: E402  (kept in this block so the shared header stays untouched)
 
 # What the gather copies is bytes, so any fixed-size dtype would do; these are the ones torch and
 # the loader's users need (numpy arrays of them map one to one; bfloat16 only exists in torch).
