@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--lr", type=float, default=3e-3)
     p_train.add_argument("--seed", type=int, default=0)
     p_train.set_defaults(func=_cmd_train)
+    from .tuning.cli import register as _register_tune  # issue 7: `trainpatterns tune`
+    _register_tune(sub)
     return parser
 
 
