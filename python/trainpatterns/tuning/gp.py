@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from contextlib import contextmanager
 from typing import Any, Optional, Sequence
 
 import torch
@@ -299,6 +300,22 @@ class _Encoder:
         return x
 
 
+@contextmanager
+def torch_threads(n: int):
+    """Run a block with ``torch.set_num_threads(n)``, restoring the previous count afterwards. The
+    GP's matrices are small (n trials squared): intra-op threads only add synchronisation, and on a
+    busy machine their spinning costs 10x (measured: 1.8 s vs 0.16 s per suggestion at 30 trials)."""
+    old = torch.get_num_threads()
+    if n <= 0 or n == old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 class GPSampler(Sampler):
     """Gaussian-process Bayesian optimisation (see the module docstring for the model).
 
@@ -306,11 +323,12 @@ class GPSampler(Sampler):
     n_startup_trials: Sobol trials before the GP takes over. deterministic_objective: the objective
     has no noise (noise variance fixed at 1e-6). n_candidates / n_local_search / fit_iterations /
     acq_iterations: the cost-accuracy knobs of the fit and the acquisition optimisation.
+    threads: torch threads while proposing (restored afterwards; 0 leaves torch's setting alone).
     """
 
     def __init__(self, seed: Optional[int] = None, *, n_startup_trials: int = 10, deterministic_objective: bool = False,
                  n_candidates: int = 512, n_local_search: int = 5, fit_iterations: int = 50,
-                 acq_iterations: int = 20) -> None:
+                 acq_iterations: int = 20, threads: int = 1) -> None:
         if n_startup_trials < 1:
             raise ValueError(f"n_startup_trials must be >= 1, got {n_startup_trials}")
         self.seed = secrets.randbits(32) if seed is None else int(seed)
@@ -320,6 +338,7 @@ class GPSampler(Sampler):
         self.n_local_search = int(n_local_search)
         self.fit_iterations = int(fit_iterations)
         self.acq_iterations = int(acq_iterations)
+        self.threads = int(threads)
         self._startup = RandomSampler(self.seed, sobol=True)
         self._warm: dict = {}  # space key -> last fitted raw kernel parameters (list of floats)
 
@@ -333,9 +352,10 @@ class GPSampler(Sampler):
         if not space or len(done) < self.n_startup_trials:
             return self._startup.before_trial(study, number, history)
         sign = -1.0 if getattr(study, "direction", "minimize") == "maximize" else 1.0
-        return self.propose(space, [t.params for t in done], [sign * t.value for t in done],
-                            [t.params for t in history if t.state is TrialState.RUNNING
-                             and all(k in t.params for k in space)], number)
+        with torch_threads(self.threads):
+            return self.propose(space, [t.params for t in done], [sign * t.value for t in done],
+                                [t.params for t in history if t.state is TrialState.RUNNING
+                                 and all(k in t.params for k in space)], number)
 
     def propose(self, space: dict, params: Sequence[dict], values: Sequence[float], pending: Sequence[dict],
                 number: int) -> dict:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .base import intersection_search_space
-from .gp import GaussianProcess, _Encoder
+from .gp import GaussianProcess, _Encoder, torch_threads
 from .space import CategoricalDistribution
 from .trial import TrialState
 
@@ -36,6 +36,11 @@ def param_importances(study: Any, *, levels: int = 16, samples: int = 256, seed:
     y = torch.tensor([t.value for t in done], dtype=torch.float64)
     std = float(y.std())
     y = (y - y.mean()) / (std if std > 0 and math.isfinite(std) else 1.0)
+    with torch_threads(1):
+        return _main_effects(enc, x, y, levels, samples, seed)
+
+
+def _main_effects(enc: _Encoder, x: torch.Tensor, y: torch.Tensor, levels: int, samples: int, seed: int) -> dict:
     gp = GaussianProcess.fit(x, y, deterministic=False, init=None, iterations=100)
     engine = torch.quasirandom.SobolEngine(len(enc.columns), scramble=True, seed=seed)
     base_u = engine.draw(samples, dtype=torch.float64)
