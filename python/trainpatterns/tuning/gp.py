@@ -14,10 +14,11 @@ The model (float64 torch throughout, no dependency beyond torch):
 * Acquisition: log expected improvement over the best observed value, computed stably for very
   negative z via the scaled complementary error function (``log h(z)`` of Ament et al., 2023).
   Maximised from ``n_candidates`` scrambled Sobol points (categorical columns decoded to valid
-  one-hot choices) plus the best observed points; the best ``n_local_search`` are refined jointly by
-  L-BFGS over the continuous columns, kept inside [0, 1] by a triangle-wave reparametrisation
-  (x = 1 - |1 - (u mod 2)|: unconstrained for the optimiser, slope +-1 everywhere, so optima on the
-  boundary are reachable).
+  one-hot choices); ``n_local_search`` starts (the best observed point, the best candidate, the rest
+  drawn by EI roulette as Optuna does) are each refined by L-BFGS over the continuous columns, with
+  closed-form gradients, preconditioned by the lengthscales, and kept inside [0, 1] by a triangle-wave
+  reparametrisation (x = 1 - |1 - (u mod 2)|: unconstrained for the optimiser, slope +-1
+  everywhere, so optima on the boundary are reachable).
 * Pending trials (parallel workers): trials still RUNNING with all parameters known are added as
   fantasies at the GP's posterior mean ("kriging believer"), which collapses the variance there and
   steers the next suggestion elsewhere without refitting.
@@ -328,7 +329,7 @@ class GPSampler(Sampler):
 
     def __init__(self, seed: Optional[int] = None, *, n_startup_trials: int = 10, deterministic_objective: bool = False,
                  n_candidates: int = 512, n_local_search: int = 5, fit_iterations: int = 50,
-                 acq_iterations: int = 20, threads: int = 1) -> None:
+                 acq_iterations: int = 20, warm_iterations: int = 10, threads: int = 1) -> None:
         if n_startup_trials < 1:
             raise ValueError(f"n_startup_trials must be >= 1, got {n_startup_trials}")
         self.seed = secrets.randbits(32) if seed is None else int(seed)
@@ -339,6 +340,7 @@ class GPSampler(Sampler):
         self.fit_iterations = int(fit_iterations)
         self.acq_iterations = int(acq_iterations)
         self.threads = int(threads)
+        self.warm_iterations = int(warm_iterations)
         self._startup = RandomSampler(self.seed, sobol=True)
         self._warm: dict = {}  # space key -> last fitted raw kernel parameters (list of floats)
 
@@ -369,7 +371,7 @@ class GPSampler(Sampler):
         init = self._warm.get(key)
         gp = GaussianProcess.fit(x, y, deterministic=self.deterministic_objective,
                                  init=None if init is None else torch.tensor(init, dtype=torch.float64),
-                                 iterations=self.fit_iterations)
+                                 iterations=self.fit_iterations, warm_iterations=self.warm_iterations)
         self._warm[key] = gp.raw.tolist()
         best = float(y.min())
         if pending:
@@ -383,43 +385,55 @@ class GPSampler(Sampler):
         n_params = len(enc.columns)
         engine = torch.quasirandom.SobolEngine(n_params, scramble=True, seed=(self.seed + 7919 * number) & 0x7FFFFFFF)
         cand = enc.from_unit_cube(engine.draw(self.n_candidates, dtype=torch.float64))
-        # The best observed points are natural starts: EI is often highest just next to them.
-        top = torch.argsort(y)[: max(1, self.n_local_search // 2)]
-        cand = torch.cat([x[top], cand])
         acq = gp.log_ei(cand, best)
-        order = torch.argsort(acq, descending=True)
-        best_x, best_acq = cand[order[0]].clone(), float(acq[order[0]])
+        # Local-search starts (as Optuna does): the best observed point, the best candidate, and
+        # candidates drawn with probability proportional to their EI (roulette), for diversity.
+        i_best = int(torch.argmax(acq))
+        starts = [x[int(torch.argmin(y))], cand[i_best]]
+        probs = torch.exp(acq - acq[i_best])
+        probs[i_best] = 0.0
+        n_extra = min(self.n_local_search - 2, int((probs > 0).sum()))
+        if n_extra > 0:
+            g = torch.Generator().manual_seed((self.seed * 31 + number) & 0x7FFFFFFF)
+            starts += list(cand[torch.multinomial(probs, n_extra, replacement=False, generator=g)])
+        best_x, best_acq = cand[i_best].clone(), float(acq[i_best])
         cont = enc.continuous
         if not bool(cont.any()) or self.acq_iterations <= 0:
             return best_x
-        starts = cand[order[: self.n_local_search]]
-        full = starts.clone()
-        u = starts[:, cont].clone().requires_grad_(True)
+        # Precondition by the lengthscales: in z = x / l the acquisition is equally curved along
+        # every axis, which is what a quasi-Newton method converges fastest on.
+        ls = gp.inv_sq_ls[cont].rsqrt()
+        for x0 in starts[: self.n_local_search]:
+            xr, v = self._local_search(gp, x0, cont, ls, best)
+            if v > best_acq:
+                best_x, best_acq = xr, v
+        return best_x
+
+    def _local_search(self, gp: GaussianProcess, x0: torch.Tensor, cont: torch.Tensor, ls: torch.Tensor,
+                      best: float) -> tuple[torch.Tensor, float]:
+        """L-BFGS on log EI from ``x0`` over the continuous columns (categoricals stay fixed)."""
+        full = x0.unsqueeze(0).clone()
+        u = (x0[cont] / ls).unsqueeze(0).clone().requires_grad_(True)
         opt = torch.optim.LBFGS([u], lr=1.0, max_iter=self.acq_iterations, line_search_fn="strong_wolfe",
-                                tolerance_grad=1e-7, tolerance_change=1e-12)
+                                tolerance_grad=1e-6, tolerance_change=1e-10)
 
         def assemble(uu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            # Triangle wave: any real u maps into [0, 1] with slope dx/du = sign(1 - (u mod 2)).
-            t = torch.remainder(uu, 2.0)
+            # Triangle wave: any real x = l z maps into [0, 1], with slope dx/dz = l sign(1 - (x mod 2)).
+            t = torch.remainder(uu * ls, 2.0)
             out = full.clone()
             out[:, cont] = 1.0 - (1.0 - t).abs()
-            return out, torch.sign(1.0 - t)
+            return out, torch.sign(1.0 - t) * ls
 
         def closure() -> torch.Tensor:
             xs, slope = assemble(u.detach())
             value, grad = gp.log_ei_and_grad(xs, best)
-            # The starts are independent; minimising the sum optimises each (block-diagonal problem).
             u.grad = -(grad[:, cont] * slope)
             return -value.sum()
 
         try:
             opt.step(closure)
         except (torch.linalg.LinAlgError, RuntimeError):
-            return best_x
-        refined = assemble(u.detach())[0]
-        racq = gp.log_ei(refined, best)
-        racq = torch.where(torch.isfinite(racq), racq, torch.full_like(racq, -math.inf))
-        i = int(torch.argmax(racq))
-        if float(racq[i]) > best_acq:
-            best_x = refined[i].clone()
-        return best_x
+            return x0.clone(), -math.inf
+        xr = assemble(u.detach())[0]
+        v = float(gp.log_ei(xr, best)[0])
+        return xr[0].clone(), (v if math.isfinite(v) else -math.inf)
