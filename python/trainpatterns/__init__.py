@@ -8,6 +8,7 @@ import torch  # noqa: F401  (loads torch's OpenMP runtime before ours)
 
 from ._kernels import build_info
 from .optim import FusedAdagrad, FusedAdam, FusedAdamW, FusedSGD
+from .tuning import Study, Trial, create_study, load_study  # issue 7: hyperparameter tuning
 
 __version__ = "0.1.0"
 
@@ -18,4 +19,9 @@ __all__ = [
     "FusedAdagrad",
     "build_info",
     "__version__",
+    # issue 7: hyperparameter tuning (the samplers and pruners live in trainpatterns.tuning)
+    "create_study",
+    "load_study",
+    "Study",
+    "Trial",
 ]
