@@ -28,7 +28,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import Target, apply_threads, common_parser, environment, format_targets, write_json  # noqa: E402
