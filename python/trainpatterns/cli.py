@@ -409,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_plot.add_argument("run_dir", metavar="RUN_DIR")
     p_plot.add_argument("--out", metavar="FILE.png", help="default RUN_DIR/loss.png")
     p_plot.set_defaults(func=_cmd_plot)
+    from .tuning.cli import register as _register_tune  # issue 7: `trainpatterns tune`
+    _register_tune(sub)
     return parser
 
 

@@ -1,0 +1,165 @@
+"""``trainpatterns tune``: a tuning study on the built-in task, with a line of progress per trial.
+
+The task is the one ``trainpatterns train`` runs (an MLP learning the damped pendulum's state after
+one second, ``trainpatterns.cli.pendulum_data``), trained here by a short FusedAdamW loop. The
+study tunes the learning rate, the width and depth of the MLP and its activation, minimising the
+validation MSE; with ``--pruner asha`` bad trials stop early. Each trial saves its model and
+optimizer state to ``trial.checkpoint_dir`` at every report and restores it when present, so a trial
+that is retried after a crash (or resumed by ``ASHAPruner(pause=True)``) continues where it was.
+
+``register(subparsers)`` adds the subcommand to the main parser (trainpatterns/cli.py).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from typing import Any
+
+import torch
+
+from .asha import ASHAPruner
+from .gp import GPSampler
+from .grid import GridSampler
+from .random import RandomSampler
+from .study import create_study
+from .trial import FrozenTrial, Trial, TrialPruned, TrialState
+
+__all__ = ["register", "PendulumObjective", "ProgressPrinter"]
+
+GRID = {"lr": [1e-3, 3e-3, 1e-2], "width": [32, 64], "depth": [1, 2], "activation": ["tanh"]}
+_ACTIVATIONS = {"tanh": torch.nn.Tanh, "gelu": torch.nn.GELU, "silu": torch.nn.SiLU}
+
+
+class PendulumObjective:
+    """objective(trial) -> validation MSE of an MLP trained for ``steps`` FusedAdamW steps.
+    A top-level class (picklable), so it runs in ``n_jobs`` worker processes too. ``threads``: torch
+    threads per trial (1 by default: these models are small, and more threads only contend, badly
+    so when several trials or other jobs share the cores); 0 leaves torch's setting alone."""
+
+    def __init__(self, steps: int = 300, samples: int = 2048, batch_size: int = 256, seed: int = 0,
+                 reports: int = 10, threads: int = 1) -> None:
+        self.steps, self.samples, self.batch_size, self.seed = steps, samples, batch_size, seed
+        self.reports, self.threads = reports, threads
+
+    def __call__(self, trial: Trial) -> float:
+        from ..cli import pendulum_data
+        from ..optim import FusedAdamW
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        lr = trial.suggest_float("lr", 1e-4, 3e-2, log=True)
+        width = trial.suggest_int("width", 16, 128, log=True)
+        depth = trial.suggest_int("depth", 1, 3)
+        act = _ACTIVATIONS[trial.suggest_categorical("activation", list(_ACTIVATIONS))]
+        x, y = pendulum_data(self.samples, seed=self.seed)
+        xv, yv = pendulum_data(512, seed=self.seed + 1)
+        torch.manual_seed(self.seed + trial.number)
+        layers, d_in = [], 2
+        for _ in range(depth):
+            layers += [torch.nn.Linear(d_in, width), act()]
+            d_in = width
+        model = torch.nn.Sequential(*layers, torch.nn.Linear(d_in, 2))
+        opt = FusedAdamW(model.parameters(), lr=lr, weight_decay=0.0, max_grad_norm=1.0)
+        gen = torch.Generator().manual_seed(self.seed + trial.number)
+        start_step = 0
+        ckpt = trial.checkpoint_dir / "state.pt"
+        if ckpt.exists():  # a retried or promoted trial: continue from its last report
+            state = torch.load(ckpt, weights_only=False)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            gen.set_state(state["gen"])
+            start_step = state["step"]
+        every = max(1, self.steps // self.reports)
+        loss_fn = torch.nn.MSELoss()
+        val = math.inf
+        for step in range(start_step + 1, self.steps + 1):
+            idx = torch.randint(0, self.samples, (self.batch_size,), generator=gen)
+            loss = loss_fn(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step % every == 0 or step == self.steps:
+                with torch.no_grad():
+                    val = loss_fn(model(xv), yv).item()
+                torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), gen=gen.get_state(), step=step), ckpt)
+                trial.report(step, val)
+                if trial.should_prune():
+                    raise TrialPruned()
+        return val
+
+
+class ProgressPrinter:
+    """A callback printing one line per finished trial: state, value, parameters, time, best so far."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __call__(self, study: Any, t: FrozenTrial) -> None:
+        if t.state is TrialState.COMPLETE:
+            what = f"value {t.value:.4e}"
+        elif t.state is TrialState.PRUNED:
+            what = f"pruned at step {t.last_step}"
+        else:
+            what = f"{t.state.name.lower()}: {t.fail_reason}"
+        params = " ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
+        try:
+            best = study.best_trial
+            best_s = f"best {best.value:.4e} (trial {best.number})"
+        except ValueError:
+            best_s = "no complete trial yet"
+        print(f"trial {t.number:3d}  {what:<24}  {params}  {time.perf_counter() - self.t0:6.1f}s  {best_s}", flush=True)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    if args.sampler == "grid":
+        sampler: Any = GridSampler(GRID)
+    elif args.sampler == "random":
+        sampler = RandomSampler(seed=args.seed)
+    else:
+        sampler = GPSampler(seed=args.seed, n_startup_trials=min(8, max(1, args.trials // 3)))
+    pruner = ASHAPruner(min_resource=max(1, args.steps // 10), reduction_factor=3) if args.pruner == "asha" else None
+    study = create_study(direction="minimize", sampler=sampler, pruner=pruner, storage=args.storage,
+                         study_name=args.study_name, load_if_exists=True)
+    objective = PendulumObjective(steps=args.steps, samples=args.samples, seed=args.seed, threads=args.threads)
+    print(f"tuning lr, width, depth, activation of the pendulum MLP: {args.trials} trials, sampler {args.sampler}, "
+          f"pruner {args.pruner}, {args.jobs} job(s), storage {args.storage or 'memory'} (study {study.study_name})")
+    study.optimize(objective, total_trials=args.trials, n_jobs=args.jobs, callbacks=[ProgressPrinter()])
+    done = study.get_trials([TrialState.COMPLETE])
+    counts = {s.name.lower(): len(study.get_trials([s])) for s in (TrialState.COMPLETE, TrialState.PRUNED,
+                                                                   TrialState.FAILED)}
+    print("trials: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    if done:
+        best = study.best_trial
+        print(f"best: trial {best.number}, validation mse {best.value:.4e}, params {best.params}")
+    if args.plots:
+        from .plots import plot_optimization_history, plot_param_importances
+
+        os.makedirs(args.plots, exist_ok=True)
+        print("wrote", plot_optimization_history(study, os.path.join(args.plots, "history.png")))
+        if len(done) >= 3:
+            print("wrote", plot_param_importances(study, os.path.join(args.plots, "importance.png")))
+    return 0 if done else 1
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``tune`` to the main parser's subcommands."""
+    p = subparsers.add_parser("tune", help="tune the built-in job's hyperparameters (grid / random / GP, ASHA)")
+    p.add_argument("--trials", type=int, default=12, help="trials in the study (a resumed study runs the rest)")
+    p.add_argument("--sampler", choices=["gp", "random", "grid"], default="gp")
+    p.add_argument("--pruner", choices=["asha", "none"], default="asha")
+    p.add_argument("--steps", type=int, default=300, help="training steps per trial")
+    p.add_argument("--samples", type=int, default=2048)
+    p.add_argument("--jobs", type=int, default=1, help="worker processes (needs --storage)")
+    p.add_argument("--storage", default=None, help="SQLite file (resumable; default: in memory)")
+    p.add_argument("--study-name", default="pendulum")
+    p.add_argument("--plots", default=None, metavar="DIR", help="write history.png and importance.png there")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per trial (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_tune)
+    return p

@@ -1,0 +1,362 @@
+"""Studies: create or load one, run trials (``optimize``, or ``ask`` / ``tell``), read the results.
+
+``optimize(objective, n_trials=..., n_jobs=...)`` loops: claim a trial from storage, call
+``objective(trial)``, record the outcome. Outcomes:
+
+* a finite number (a float, an int or a 0-d tensor) -> COMPLETE with that value;
+* ``raise TrialPruned()`` (after ``trial.should_prune()``) -> PRUNED;
+* an exception listed in ``catch`` (default: any ``Exception``), or a NaN / inf / non-numeric
+  return -> FAILED, the reason stored as ``trial.fail_reason`` and logged; the study goes on;
+* KeyboardInterrupt / SystemExit -> the trial goes back to WAITING (retried on resume) and the
+  exception propagates.
+
+``n_jobs > 1`` runs that many worker processes (multiprocessing "spawn"), all claiming trials from
+the same SQLite file, so the objective, sampler, pruner and callbacks must be picklable (a top-level
+function or an instance of a top-level class, not a lambda or closure) and the storage must be a
+file. ``backend="thread"`` runs threads instead (any objective; in-memory storage allowed; useful
+when the objective releases the GIL, e.g. torch ops).
+
+Budgets: ``n_trials`` counts trials started by this call (over all workers); ``total_trials``
+counts all trials of the study, which is what a script that may be killed and rerun wants
+("finish the 50-trial study"); ``timeout`` (seconds) stops starting new trials after that long.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing as mp
+import os
+import secrets
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+from .sqlite import SQLiteStorage, owner_id, parse_storage
+from .trial import FrozenTrial, Trial, TrialPruned, TrialState
+
+__all__ = ["Study", "create_study", "load_study"]
+
+_log = logging.getLogger("trainpatterns.tuning")
+
+Objective = Callable[[Trial], Any]
+Callback = Callable[["Study", FrozenTrial], None]
+
+
+def _default_sampler():
+    from .gp import GPSampler
+
+    return GPSampler()
+
+
+def create_study(*, direction: str = "minimize", sampler: Any = None, pruner: Any = None,
+                 storage: Union[None, str, os.PathLike, SQLiteStorage] = None, study_name: Optional[str] = None,
+                 load_if_exists: bool = False, artifact_dir: Union[None, str, os.PathLike] = None) -> "Study":
+    """A new study (or the existing one named ``study_name`` with ``load_if_exists=True``).
+
+    direction: "minimize" or "maximize". sampler: default ``GPSampler()``. pruner: e.g.
+    ``ASHAPruner()``; default none. storage: None (in memory), a file path or "sqlite:///path.db".
+    artifact_dir: where ``trial.checkpoint_dir`` lives; default ``<db dir>/<db stem>_artifacts/<study>``
+    (a temporary directory for in-memory storage).
+    """
+    if direction not in ("minimize", "maximize"):
+        raise ValueError(f"direction must be 'minimize' or 'maximize', got {direction!r} "
+                         "(multi-objective studies are not supported)")
+    st = parse_storage(storage)
+    if study_name is None:
+        study_name = f"study-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    study_id = st.create_study(study_name, direction, load_if_exists)
+    return Study(study_name, st, study_id, direction, sampler if sampler is not None else _default_sampler(),
+                 pruner, artifact_dir)
+
+
+def load_study(*, study_name: str, storage: Union[str, os.PathLike, SQLiteStorage], sampler: Any = None,
+               pruner: Any = None, artifact_dir: Union[None, str, os.PathLike] = None) -> "Study":
+    """An existing study from ``storage`` (KeyError naming the studies there if it is missing)."""
+    st = parse_storage(storage)
+    study_id, direction = st.get_study(study_name)
+    return Study(study_name, st, study_id, direction, sampler if sampler is not None else _default_sampler(),
+                 pruner, artifact_dir)
+
+
+class Study:
+    """A named set of trials in a storage. Build with ``create_study`` / ``load_study``."""
+
+    heartbeat_interval_s = 5.0
+
+    def __init__(self, study_name: str, storage: SQLiteStorage, study_id: int, direction: str, sampler: Any,
+                 pruner: Any, artifact_dir: Union[None, str, os.PathLike] = None) -> None:
+        self.study_name = study_name
+        self.direction = direction
+        self.sampler = sampler
+        self.pruner = pruner
+        self._storage = storage
+        self._study_id = study_id
+        self._artifact_dir = None if artifact_dir is None else Path(artifact_dir)
+        self._owner_cache: Optional[tuple[int, str]] = None
+        self._beat_thread: Optional[threading.Thread] = None
+
+    # ----- identity, artifacts -----------------------------------------------------------------------
+
+    @property
+    def storage(self) -> SQLiteStorage:
+        return self._storage
+
+    @property
+    def _owner(self) -> str:
+        pid = os.getpid()
+        if self._owner_cache is None or self._owner_cache[0] != pid:
+            self._owner_cache = (pid, owner_id())
+        return self._owner_cache[1]
+
+    @property
+    def artifact_dir(self) -> Path:
+        """The study's directory for per-trial files (``trial.checkpoint_dir`` lives under it)."""
+        if self._artifact_dir is None:
+            if self._storage.path is None:
+                self._artifact_dir = Path(tempfile.mkdtemp(prefix=f"trainpatterns-{self.study_name}-"))
+            else:
+                db = Path(self._storage.path)
+                self._artifact_dir = db.parent / f"{db.stem}_artifacts" / self.study_name
+        return self._artifact_dir
+
+    # ----- results ---------------------------------------------------------------------------------
+
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        """All trials, by number (a fresh read from storage)."""
+        return self._storage.get_trials(self._study_id)
+
+    def get_trials(self, states: Optional[Iterable[TrialState]] = None) -> list[FrozenTrial]:
+        trials = self.trials
+        if states is None:
+            return trials
+        keep = set(states)
+        return [t for t in trials if t.state in keep]
+
+    @property
+    def best_trial(self) -> FrozenTrial:
+        """The COMPLETE trial with the best value (ties: the earliest). ValueError when none."""
+        done = self.get_trials([TrialState.COMPLETE])
+        if not done:
+            raise ValueError(f"study {self.study_name!r} has no COMPLETE trial yet")
+        sign = 1.0 if self.direction == "minimize" else -1.0
+        return min(done, key=lambda t: (sign * t.value, t.number))
+
+    @property
+    def best_value(self) -> float:
+        return self.best_trial.value
+
+    @property
+    def best_params(self) -> dict:
+        return self.best_trial.params
+
+    def enqueue_trial(self, params: dict) -> int:
+        """Queue a trial with fixed parameter values (run before sampled ones); returns its number."""
+        if not isinstance(params, dict) or not params:
+            raise ValueError(f"enqueue_trial needs a non-empty dict of parameter values, got {params!r}")
+        return self._storage.enqueue_trial(self._study_id, dict(params))
+
+    def _known_distributions(self, history: Sequence[FrozenTrial]) -> dict:
+        known: dict = {}
+        for t in history:
+            for name, d in t.distributions.items():
+                known.setdefault(name, (d, f"trial {t.number}"))
+        return known
+
+    # ----- ask / tell ------------------------------------------------------------------------------
+
+    def ask(self) -> Trial:
+        """Claim the next trial (a retry or enqueued one first). RuntimeError when the sampler has no
+        point left (an exhausted grid)."""
+        trial = self._claim(run_id=uuid.uuid4().hex, max_in_run=None, max_total=None, max_retries=3)
+        if trial is None:
+            raise RuntimeError(f"study {self.study_name!r}: the sampler has no point left (grid exhausted)")
+        return trial
+
+    def _claim(self, *, run_id: str, max_in_run: Optional[int], max_total: Optional[int],
+               max_retries: int) -> Optional[Trial]:
+        propose = self.sampler.propose_locked if getattr(self.sampler, "exclusive", False) else None
+        promote = getattr(self.pruner, "promote_locked", None)
+        frozen = self._storage.claim_trial(self._study_id, run_id=run_id, owner=self._owner, max_in_run=max_in_run,
+                                           max_total=max_total, max_retries=max_retries, propose_locked=propose,
+                                           promote_locked=promote)
+        if frozen is None:
+            return None
+        self._start_heartbeat()
+        history = [t for t in self._storage.get_trials(self._study_id) if t.number != frozen.number]
+        t0 = time.perf_counter()
+        trial = Trial(self, frozen, history)
+        trial._set_system_attr("sampler_seconds", time.perf_counter() - t0)
+        return trial
+
+    def tell(self, trial: Trial, value: Any = None, *, state: Optional[TrialState] = None,
+             reason: Optional[str] = None) -> FrozenTrial:
+        """Finish ``trial``: COMPLETE with ``value`` (FAILED if it is not a finite number), or the given
+        ``state`` (PRUNED keeps the last reported value; FAILED records ``reason``)."""
+        attrs = trial.system_attrs
+        if state is None:
+            try:
+                v = float(value)
+            except (TypeError, ValueError):
+                v, reason = None, f"objective returned {value!r}, not a number"
+            if v is not None and not math.isfinite(v):
+                v, reason = None, f"objective returned {v}"
+            state = TrialState.COMPLETE if v is not None else TrialState.FAILED
+        elif state is TrialState.PRUNED:
+            iv = trial.intermediate_values
+            v = iv[max(iv)] if iv else None
+            v = v if v is not None and math.isfinite(v) else None
+        else:
+            v = None
+        if state is TrialState.FAILED:
+            attrs["fail_reason"] = reason or "failed"
+            _log.warning("trial %d failed: %s", trial.number, attrs["fail_reason"])
+        self._storage.finish_trial(self._study_id, trial.number, self._owner, state, v, attrs)
+        return self._storage.get_trial(self._study_id, trial.number)
+
+    # ----- optimize --------------------------------------------------------------------------------
+
+    def optimize(self, objective: Objective, n_trials: Optional[int] = None, *, timeout: Optional[float] = None,
+                 n_jobs: int = 1, backend: str = "process", catch: tuple = (Exception,),
+                 callbacks: Optional[Sequence[Callback]] = None, total_trials: Optional[int] = None,
+                 max_retries: int = 3) -> None:
+        """Run trials until ``n_trials`` (this call), ``total_trials`` (the whole study), ``timeout``
+        seconds or an exhausted sampler, whichever comes first (with none of them: until the sampler
+        is exhausted or interrupted). ``callbacks(study, frozen_trial)`` run after each trial in the
+        process that ran it. ``max_retries``: attempts of an interrupted trial before it is FAILED."""
+        if not callable(objective):
+            raise TypeError(f"objective must be callable objective(trial), got {objective!r}")
+        for nm, x in (("n_trials", n_trials), ("total_trials", total_trials)):
+            if x is not None and (isinstance(x, bool) or not isinstance(x, int) or x < 0):
+                raise ValueError(f"{nm} must be an int >= 0 or None, got {x!r}")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")
+        if n_jobs == -1:
+            n_jobs = os.cpu_count() or 1
+        if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs < 1:
+            raise ValueError(f"n_jobs must be an int >= 1 (or -1 for one per CPU), got {n_jobs!r}")
+        if backend not in ("process", "thread"):
+            raise ValueError(f"backend must be 'process' or 'thread', got {backend!r}")
+        if not isinstance(catch, tuple):
+            catch = tuple(catch)
+        run = _Run(run_id=uuid.uuid4().hex, n_trials=n_trials, total_trials=total_trials,
+                   deadline=None if timeout is None else time.time() + timeout, catch=catch,
+                   callbacks=list(callbacks or []), max_retries=int(max_retries))
+        if n_jobs == 1:
+            self._worker_loop(objective, run)
+        elif backend == "thread":
+            errors: list = []
+            threads = [threading.Thread(target=_thread_main, args=(self, objective, run, errors), daemon=True)
+                       for _ in range(n_jobs)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            if errors:
+                raise errors[0]
+        else:
+            if self._storage.path is None:
+                raise ValueError("n_jobs > 1 with backend='process' needs a file storage "
+                                 "(storage='study.db'); or pass backend='thread'")
+            self._run_processes(objective, run, n_jobs)
+
+    def _worker_loop(self, objective: Objective, run: "_Run") -> None:
+        while run.deadline is None or time.time() < run.deadline:
+            trial = self._claim(run_id=run.run_id, max_in_run=run.n_trials, max_total=run.total_trials,
+                                max_retries=run.max_retries)
+            if trial is None:
+                return
+            frozen = self._run_trial(objective, trial, run.catch)
+            for cb in run.callbacks:
+                cb(self, frozen)
+
+    def _run_trial(self, objective: Objective, trial: Trial, catch: tuple) -> FrozenTrial:
+        try:
+            value = objective(trial)
+        except TrialPruned:
+            return self.tell(trial, state=TrialState.PRUNED)
+        except (KeyboardInterrupt, SystemExit):
+            self._storage.finish_trial(self._study_id, trial.number, self._owner, TrialState.WAITING, None,
+                                       dict(trial.system_attrs, interruptions=trial.system_attrs.get(
+                                           "interruptions", []) + ["interrupted by KeyboardInterrupt/SystemExit"]))
+            raise
+        except catch as e:
+            return self.tell(trial, state=TrialState.FAILED, reason=f"{type(e).__name__}: {e}")
+        except BaseException as e:
+            self.tell(trial, state=TrialState.FAILED, reason=f"{type(e).__name__}: {e}")
+            raise
+        return self.tell(trial, value)
+
+    def _run_processes(self, objective: Objective, run: "_Run", n_jobs: int) -> None:
+        ctx = mp.get_context("spawn")
+        payload = (self._storage, self.study_name, self.sampler, self.pruner, self._artifact_dir, objective, run)
+        procs = [ctx.Process(target=_process_main, args=payload, daemon=False) for _ in range(n_jobs)]
+        for p in procs:
+            p.start()
+        try:
+            for p in procs:
+                p.join()
+        except BaseException:
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+            for p in procs:
+                p.join()
+            raise
+        bad = [p.exitcode for p in procs if p.exitcode != 0]
+        if bad:
+            raise RuntimeError(f"{len(bad)} of {n_jobs} worker processes exited with errors (exit codes {bad}); "
+                               "see their output above")
+
+    # ----- heartbeat -------------------------------------------------------------------------------
+
+    def _start_heartbeat(self) -> None:
+        if self._beat_thread is not None and self._beat_thread.is_alive():
+            return
+        owner, storage, interval = self._owner, self._storage, self.heartbeat_interval_s
+
+        def beat() -> None:
+            while True:
+                time.sleep(interval)
+                try:
+                    storage.heartbeat(owner)
+                except Exception as e:  # a busy database must not kill the worker; the next beat retries
+                    _log.debug("heartbeat failed: %s", e)
+
+        self._beat_thread = threading.Thread(target=beat, name="trainpatterns-tuning-heartbeat", daemon=True)
+        self._beat_thread.start()
+
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        d["_beat_thread"] = None
+        d["_owner_cache"] = None
+        return d
+
+    def __repr__(self) -> str:
+        return f"Study(name={self.study_name!r}, direction={self.direction!r}, storage={self._storage.url or 'memory'})"
+
+
+class _Run:
+    """The budget and options of one ``optimize`` call, shared by its workers."""
+
+    def __init__(self, *, run_id: str, n_trials: Optional[int], total_trials: Optional[int],
+                 deadline: Optional[float], catch: tuple, callbacks: list, max_retries: int) -> None:
+        self.run_id, self.n_trials, self.total_trials = run_id, n_trials, total_trials
+        self.deadline, self.catch, self.callbacks, self.max_retries = deadline, catch, callbacks, max_retries
+
+
+def _thread_main(study: Study, objective: Objective, run: _Run, errors: list) -> None:
+    try:
+        study._worker_loop(objective, run)
+    except BaseException as e:  # re-raised by optimize() in the calling thread
+        errors.append(e)
+
+
+def _process_main(storage: SQLiteStorage, study_name: str, sampler: Any, pruner: Any, artifact_dir: Any,
+                  objective: Objective, run: _Run) -> None:
+    study = load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
+                       artifact_dir=artifact_dir)
+    study._worker_loop(objective, run)

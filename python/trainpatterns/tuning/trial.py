@@ -1,0 +1,223 @@
+"""Trials: the live ``Trial`` an objective receives, and ``FrozenTrial``, a finished or stored one.
+
+``Trial`` is define-by-run (as in Optuna): ``suggest_float`` / ``suggest_int`` /
+``suggest_categorical`` return a value for a named parameter, chosen by the study's sampler unless
+it is fixed (an enqueued trial, a grid point, a retried or promoted trial keeps the values it had).
+Every suggestion and report is written to storage at once, so a trial of a killed process is
+retried with the same parameters and ``checkpoint_dir``.
+
+Invariants: a parameter name keeps its kind (float / int / categorical) and, for categoricals, its
+choices across all trials of a study; suggesting the same name twice in one trial returns the same
+value. ``report(step, value)`` takes the step first (the training step or epoch: a resource count,
+an int >= 0) and a finite float.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+from .space import (CategoricalChoice, CategoricalDistribution, Distribution, FloatDistribution,
+                    IntDistribution, check_compatible)
+
+if TYPE_CHECKING:
+    from .study import Study
+
+__all__ = ["TrialState", "FrozenTrial", "Trial", "TrialPruned"]
+
+
+class TrialState(enum.Enum):
+    """WAITING: queued (enqueued, or interrupted and due for a retry). RUNNING: claimed by a live
+    process. COMPLETE: returned a finite value. PRUNED: stopped by the pruner (or paused at an ASHA
+    rung, from where it may be promoted). FAILED: raised, returned a non-finite value, or was
+    interrupted more than ``max_retries`` times; ``fail_reason`` says which."""
+
+    WAITING = 0
+    RUNNING = 1
+    COMPLETE = 2
+    PRUNED = 3
+    FAILED = 4
+
+    def is_finished(self) -> bool:
+        return self in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAILED)
+
+
+class TrialPruned(Exception):
+    """Raise from the objective when ``trial.should_prune()`` is True: the trial ends as PRUNED."""
+
+
+@dataclass
+class FrozenTrial:
+    """A snapshot of one stored trial. ``params`` are the external values the objective received;
+    ``intermediate_values`` maps step -> reported value; ``value`` is set for COMPLETE trials (and
+    for PRUNED ones: the last reported value)."""
+
+    number: int
+    state: TrialState
+    value: Optional[float]
+    params: dict
+    distributions: dict
+    intermediate_values: dict = field(default_factory=dict)
+    user_attrs: dict = field(default_factory=dict)
+    system_attrs: dict = field(default_factory=dict)
+    attempts: int = 0
+    datetime_start: Optional[float] = None
+    datetime_complete: Optional[float] = None
+
+    @property
+    def fail_reason(self) -> Optional[str]:
+        return self.system_attrs.get("fail_reason")
+
+    @property
+    def duration(self) -> Optional[float]:
+        """Seconds from the first start to completion (None while unfinished)."""
+        if self.datetime_start is None or self.datetime_complete is None:
+            return None
+        return self.datetime_complete - self.datetime_start
+
+    @property
+    def last_step(self) -> Optional[int]:
+        return max(self.intermediate_values) if self.intermediate_values else None
+
+
+class Trial:
+    """The live trial handed to ``objective(trial)``. Created by ``Study.ask()`` / ``optimize``."""
+
+    def __init__(self, study: "Study", frozen: FrozenTrial, history: Sequence[FrozenTrial]) -> None:
+        self.study = study
+        self._frozen = frozen
+        self.number = frozen.number
+        self._history = list(history)
+        self._params: dict = dict(frozen.params)
+        self._dists: dict = dict(frozen.distributions)
+        self._fixed: dict = dict(frozen.system_attrs.get("fixed_params", {}))
+        self._fixed.update(frozen.params)  # a retried/promoted trial keeps what it already had
+        self._intermediate: dict = dict(frozen.intermediate_values)
+        self._user_attrs: dict = dict(frozen.user_attrs)
+        self._system_attrs: dict = dict(frozen.system_attrs)
+        self._known = study._known_distributions(self._history)
+        self._proposal: dict = study.sampler.before_trial(study, self.number, self._history)
+
+    # ----- what the objective reads ----------------------------------------------------------------
+
+    @property
+    def params(self) -> dict:
+        return dict(self._params)
+
+    @property
+    def distributions(self) -> dict:
+        return dict(self._dists)
+
+    @property
+    def attempt(self) -> int:
+        """1 on the first run of this trial, 2+ when it is retried after a crash or resumed after an
+        ASHA promotion: then ``checkpoint_dir`` holds whatever the previous attempt saved."""
+        return self._frozen.attempts
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """A directory that belongs to this trial (created on first access), under the study's
+        artifact directory. Save training state there (``torch.save``, or
+        ``trainpatterns.checkpoint.CheckpointManager(trial.checkpoint_dir)``) and load it when it
+        exists: a retried or promoted trial then continues instead of restarting."""
+        d = self.study.artifact_dir / f"trial_{self.number:05d}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    @property
+    def intermediate_values(self) -> dict:
+        return dict(self._intermediate)
+
+    @property
+    def user_attrs(self) -> dict:
+        return dict(self._user_attrs)
+
+    @property
+    def system_attrs(self) -> dict:
+        return dict(self._system_attrs)
+
+    def set_user_attr(self, key: str, value: Any) -> None:
+        """Store a JSON-serialisable value with the trial."""
+        self._user_attrs[str(key)] = value
+        self.study._storage.set_attrs(self.study._study_id, self.number, self.study._owner, user_attrs=self._user_attrs)
+
+    def _set_system_attr(self, key: str, value: Any) -> None:
+        self._system_attrs[key] = value
+        self.study._storage.set_attrs(self.study._study_id, self.number, self.study._owner,
+                                      system_attrs=self._system_attrs)
+
+    # ----- suggestions -----------------------------------------------------------------------------
+
+    def suggest_float(self, name: str, low: float, high: float, *, log: bool = False,
+                      step: Optional[float] = None) -> float:
+        """A float in [low, high] (log-uniform with ``log=True``; on low + k*step with ``step``)."""
+        return float(self._suggest(name, FloatDistribution.make(name, low, high, log, step)))
+
+    def suggest_int(self, name: str, low: int, high: int, *, log: bool = False, step: int = 1) -> int:
+        """An int in [low, high] on low + k*step (log-uniform with ``log=True``)."""
+        return int(self._suggest(name, IntDistribution.make(name, low, high, log, step)))
+
+    def suggest_categorical(self, name: str, choices: Sequence[CategoricalChoice]) -> CategoricalChoice:
+        """One of ``choices`` (JSON primitives; the same choices in every trial)."""
+        return self._suggest(name, CategoricalDistribution.make(name, choices))
+
+    def _suggest(self, name: str, dist: Distribution) -> Any:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"parameter names must be non-empty strings, got {name!r}")
+        if name in self._known:
+            old, where = self._known[name]
+            check_compatible(name, old, dist, where)
+        if name in self._dists:
+            check_compatible(name, self._dists[name], dist, f"trial {self.number}")
+            if name in self._params and dist.contains(self._params[name]):
+                self._dists[name] = dist
+                return self._params[name]
+        if name in self._fixed:
+            value = self._fixed[name]
+            if not dist.contains(value):
+                raise ValueError(f"parameter {name!r}: the fixed value {value!r} of trial {self.number} "
+                                 f"(enqueued, grid or earlier attempt) is outside {dist}")
+            if isinstance(dist, FloatDistribution):
+                value = float(value)
+        elif name in self._proposal and dist.contains(self._proposal[name]):
+            value = self._proposal[name]
+        else:
+            value = self.study.sampler.sample_independent(self.study, self.number, name, dist, self._history)
+        self._params[name] = value
+        self._dists[name] = dist
+        self.study._storage.set_params(self.study._study_id, self.number, self.study._owner, self._params, self._dists)
+        return value
+
+    # ----- early stopping --------------------------------------------------------------------------
+
+    def report(self, step: int, value: float) -> None:
+        """Record the objective's intermediate ``value`` at ``step`` (argument order: step first).
+        Reporting a step again overwrites it (a resumed trial repeating a step)."""
+        if isinstance(step, bool) or not isinstance(step, int) and not (isinstance(step, float) and step.is_integer()):
+            raise TypeError(f"report(step, value): step must be an int (the resource used so far), got {step!r}; "
+                            "note the order: step first, then value")
+        if int(step) < 0:
+            raise ValueError(f"report(step, value): step must be >= 0, got {step}")
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"report(step, value): value must be a float, got {value!r}") from None
+        self._intermediate[int(step)] = v
+        self.study._storage.set_intermediate(self.study._study_id, self.number, self.study._owner, self._intermediate)
+
+    def should_prune(self) -> bool:
+        """Ask the study's pruner whether to stop now (raise ``TrialPruned`` if so). Without a pruner,
+        or before any report, always False. A non-finite last report always prunes."""
+        if not self._intermediate:
+            return False
+        last = self._intermediate[max(self._intermediate)]
+        if not math.isfinite(last):
+            return True
+        if self.study.pruner is None:
+            return False
+        return bool(self.study.pruner.should_prune(self.study, self, self.study._storage.get_trials(self.study._study_id)))
+
+    def __repr__(self) -> str:
+        return f"Trial(number={self.number}, params={self._params!r})"
