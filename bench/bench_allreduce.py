@@ -28,6 +28,7 @@ On a GPU (NCCL, world size 1: correctness and bucket-kernel bandwidth):
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import sys
 
@@ -151,18 +152,21 @@ def check_same_result(trainers: dict) -> float:
     return max((a[n] - b[n]).abs().max().item() for n in a)
 
 
+def _timed(fn, device: torch.device):
+    """``fn`` followed by a device synchronisation on CUDA, so a timed call includes its kernels."""
+    def call():
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return call
+
+
 def run_case(title: str, base: nn.Module, loss_fn, batch, args, device, rank, world, full: bool = True) -> dict:
     trainers = make_trainers(base, loss_fn, batch, args.bucket_mb, device, full)
     numel = sum(p.numel() for p in base.parameters())
     flat32 = torch.zeros(numel, device=device)
     flat16 = torch.zeros(numel, dtype=torch.bfloat16, device=device)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-
-    def timed(fn):
-        def call():
-            fn()
-            sync()
-        return call
+    timed = functools.partial(_timed, device=device)
 
     barrier = (lambda: dist.barrier()) if world > 1 else None
     variants = [Variant(t.name, timed(t.step), setup=barrier) for t in trainers.values()]
@@ -216,13 +220,7 @@ def kernel_case(device, repeats: int, rank: int) -> dict:
     src, dst = torch.cat([g.reshape(-1) for g in grads]), torch.empty(sum(numels), device=device)
     views = [b32[o:o + n] for o, n in zip(offsets, numels)]
     n = float(sum(numels))
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-
-    def timed(fn):
-        def call():
-            fn()
-            sync()
-        return call
+    timed = functools.partial(_timed, device=device)
 
     variants = [
         Variant("copy (probe)", timed(lambda: dst.copy_(src)), bytes_per_call=8 * n, role="probe"),

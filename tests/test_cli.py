@@ -16,12 +16,7 @@ from trainpatterns import cli
 PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def run(capsys, *argv):

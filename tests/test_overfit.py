@@ -17,13 +17,7 @@ from trainpatterns.overfit import (DistillationLoss, disable_regularization, dis
                                    max_error, overfit_check)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster and steadier on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def mlp(d_in=10, hidden=64, d_out=7, p=0.5):

@@ -16,12 +16,7 @@ from trainpatterns import Callback, Trainer, VirtualEpochs
 from trainpatterns.transfer import GradualUnfreezing, freeze
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def data(n=203, seed=0):

@@ -352,6 +352,24 @@ void dispatch_types(const TensorTable& t, Fn&& fn) {
   }
 }
 
+// One optimizer step over `t`: for the table's storage and state types, launches the update with the
+// functor that make(Tag<M>, std::bool_constant<flag>) builds. `flag` (amsgrad, momentum on) picks
+// one of the functor's two variants at run time, so that each variant is a kernel of its own with no
+// branch on it inside; an optimizer without such an option passes false and ignores it.
+template <typename MakeOp>
+void launch_step(const TensorTable& t, const GradControl& gc, std::uintptr_t stream, bool flag, MakeOp&& make) {
+  dispatch_types(t, [&](auto p_tag, auto s_tag, auto master) {
+    using P = typename decltype(p_tag)::type;
+    using S = typename decltype(s_tag)::type;
+    using M = typename OpMath<P>::type;
+    constexpr bool kMaster = decltype(master)::value;
+    if (flag)
+      launch_update<P, S, kMaster>(t, make(Tag<M>{}, std::true_type{}), gc, stream);
+    else
+      launch_update<P, S, kMaster>(t, make(Tag<M>{}, std::false_type{}), gc, stream);
+  });
+}
+
 }  // namespace mt
 }  // namespace cuda
 }  // namespace tp

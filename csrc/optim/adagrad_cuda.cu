@@ -69,13 +69,7 @@ AdagradOp<M> make_op(const TensorTable& t, const AdagradParams& hp, const GradCo
 void adagrad_step(const TensorTable& t, const AdagradParams& hp, const GradControl& gc, int device,
                   std::uintptr_t stream) {
   DeviceGuard guard(device);
-  mt::dispatch_types(t, [&](auto p_tag, auto s_tag, auto master) {
-    using P = typename decltype(p_tag)::type;
-    using S = typename decltype(s_tag)::type;
-    using M = typename mt::OpMath<P>::type;
-    constexpr bool kMaster = decltype(master)::value;
-    mt::launch_update<P, S, kMaster>(t, make_op<M>(t, hp, gc), gc, stream);
-  });
+  mt::launch_step(t, gc, stream, false, [&](auto m_tag, auto) { return make_op<typename decltype(m_tag)::type>(t, hp, gc); });
 }
 
 }  // namespace cuda

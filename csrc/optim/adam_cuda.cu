@@ -96,15 +96,8 @@ AdamOp<M, AMSGRAD> make_op(const TensorTable& t, const AdamParams& hp, const Gra
 void adam_step(const TensorTable& t, const AdamParams& hp, const GradControl& gc, int device,
                std::uintptr_t stream) {
   DeviceGuard guard(device);
-  mt::dispatch_types(t, [&](auto p_tag, auto s_tag, auto master) {
-    using P = typename decltype(p_tag)::type;
-    using S = typename decltype(s_tag)::type;
-    using M = typename mt::OpMath<P>::type;
-    constexpr bool kMaster = decltype(master)::value;
-    if (hp.amsgrad)
-      mt::launch_update<P, S, kMaster>(t, make_op<M, true>(t, hp, gc), gc, stream);
-    else
-      mt::launch_update<P, S, kMaster>(t, make_op<M, false>(t, hp, gc), gc, stream);
+  mt::launch_step(t, gc, stream, hp.amsgrad != 0, [&](auto m_tag, auto amsgrad) {
+    return make_op<typename decltype(m_tag)::type, decltype(amsgrad)::value>(t, hp, gc);
   });
 }
 

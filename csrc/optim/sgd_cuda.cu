@@ -73,15 +73,8 @@ SgdOp<M, MOMENTUM> make_op(const TensorTable& t, const SgdParams& hp, const Grad
 void sgd_step(const TensorTable& t, const SgdParams& hp, const GradControl& gc, int device,
               std::uintptr_t stream) {
   DeviceGuard guard(device);
-  mt::dispatch_types(t, [&](auto p_tag, auto s_tag, auto master) {
-    using P = typename decltype(p_tag)::type;
-    using S = typename decltype(s_tag)::type;
-    using M = typename mt::OpMath<P>::type;
-    constexpr bool kMaster = decltype(master)::value;
-    if (hp.momentum != 0.0)
-      mt::launch_update<P, S, kMaster>(t, make_op<M, true>(t, hp, gc), gc, stream);
-    else
-      mt::launch_update<P, S, kMaster>(t, make_op<M, false>(t, hp, gc), gc, stream);
+  mt::launch_step(t, gc, stream, hp.momentum != 0.0, [&](auto m_tag, auto momentum) {
+    return make_op<typename decltype(m_tag)::type, decltype(momentum)::value>(t, hp, gc);
   });
 }
 
