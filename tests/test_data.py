@@ -515,3 +515,35 @@ def test_cuda_no_thread_or_pinned_leak_over_1000_loaders():
     torch.cuda.synchronize()
     assert threads_after_stop(threads0) == threads0
     assert rss_bytes() - rss0 < 64 * 2**20  # pinned buffers are resident: a leak would show here
+
+
+@pytest.mark.timeout(60)
+def test_iterator_used_in_a_forked_child_raises_instead_of_hanging():
+    """A forked child inherits the iterator but not its gather threads: next() must say so, and the
+    child must exit without hanging on the threads; the parent's iteration is unaffected."""
+    import multiprocessing as mp
+
+    x = np.arange(40, dtype=np.float32).reshape(20, 2)
+    loader = PrefetchLoader(x, batch_size=4)
+    it = iter(loader)
+    first = next(it)
+
+    def child(q):
+        try:
+            next(it)
+            msg = "no error"
+        except RuntimeError as e:
+            msg = str(e)
+        it.close()  # must not join the parent's threads
+        q.put(msg)
+
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=child, args=(q,))
+    p.start()
+    msg = q.get(timeout=30)
+    p.join(timeout=30)
+    assert p.exitcode is not None, "the forked child hung on exit"
+    assert "another process" in msg
+    rest = [b.clone() for b in it]
+    assert torch.equal(torch.cat([first] + rest), torch.from_numpy(x))

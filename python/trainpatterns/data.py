@@ -291,11 +291,17 @@ class PrefetchLoader:
         return False
 
 
+# Native prefetchers a forked child inherited: destroying one would join threads that exist only in
+# the parent process.
+_INHERITED_THROUGH_FORK: list = []
+
+
 class _LoaderIterator:
     """One iteration of a PrefetchLoader: owns the native threads until exhausted or closed."""
 
     def __init__(self, loader: PrefetchLoader):
         self._loader = loader
+        self._pid = os.getpid()  # threads do not survive fork(): see __next__
         self._n = len(loader)
         self._closed = False
         self._native = None
@@ -361,6 +367,10 @@ class _LoaderIterator:
     def __next__(self):
         if self._closed:
             raise StopIteration
+        if os.getpid() != self._pid:
+            # A forked child inherits this object but not its gather threads: waiting would hang.
+            raise RuntimeError("this PrefetchLoader iterator was started in another process (the parent of a "
+                               "fork); start a new iteration in this process (iter(loader))")
         if self._remaining == 0:
             self.close()
             raise StopIteration
@@ -391,6 +401,12 @@ class _LoaderIterator:
 
     def close(self) -> None:
         """Stop the threads and wait for in-flight copies; idempotent."""
+        if self._native is not None and os.getpid() != self._pid:
+            # Inherited through fork(): the threads live in the parent only, and joining them here
+            # would hang, so the native object is kept (never destroyed) and forgotten.
+            _INHERITED_THROUGH_FORK.append(self._native)
+            self._native, self._stage = None, None
+            self._copies.clear()
         if self._native is not None:
             self._native.close()  # a push still queued now fails quietly (see _push_epoch)
             self._pusher.shutdown(wait=True, cancel_futures=True)
