@@ -29,7 +29,9 @@ from trainpatterns.checkpoint import _format, manager as manager_mod
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_checkpoint_worker.py")
-PYTHON_DIR = os.path.join(os.path.dirname(HERE), "python")
+# Where the imported trainpatterns lives (the source tree's python/ or site-packages): the worker
+# processes must import the same build, compiled _C included.
+PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(tp.__file__)))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,9 +15,12 @@ from pathlib import Path
 
 import pytest
 
+import trainpatterns
 from trainpatterns.tuning import RandomSampler, TrialState, create_study, load_study
 
-PYTHON_DIR = str(Path(__file__).resolve().parents[1] / "python")
+# Where the imported trainpatterns lives (the source tree's python/ or site-packages): the worker
+# processes must import the same build, compiled _C included.
+PYTHON_DIR = str(Path(trainpatterns.__file__).resolve().parents[1])
 
 WORKER = r'''
 import os, sys, time
