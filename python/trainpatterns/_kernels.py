@@ -87,6 +87,24 @@ def _addr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _rewrite_row(host_rows: torch.Tensor, row: int, addrs: Sequence[int]) -> bool:
+    """Write ``addrs`` into one address row of a host table; False when they were already there
+    (the caching allocator often hands back the same blocks), so nothing needs uploading."""
+    addrs = np.asarray(addrs, dtype=np.int64)
+    host = host_rows.numpy()
+    if np.array_equal(host[row], addrs):
+        return False
+    host[row] = addrs
+    return True
+
+
+def _device_rows(host_rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A device copy of a host table, copied asynchronously. The copy goes through a fresh pinned
+    buffer each time: the caching host allocator keeps it alive until the copy has run, so the host
+    table can change again right away."""
+    return host_rows.clone().pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class KernelTable:
     """A pointer table for one homogeneous tensor list (one device, one dtype, master or not).
@@ -113,19 +131,11 @@ class KernelTable:
     def replace_grad_addresses(self, addrs: list) -> None:
         """Point the table at new gradient tensors, given their addresses (the caller has checked
         the tensors and keeps them alive for the launch)."""
-        addrs = np.asarray(addrs, dtype=np.int64)
-        host = self.host_rows.numpy()
-        if np.array_equal(host[ROW_GRAD], addrs):
-            return  # same storage again (the caching allocator reuses blocks): nothing to upload
-        host[ROW_GRAD] = addrs
-        if self.device.type == "cuda":
+        if _rewrite_row(self.host_rows, ROW_GRAD, addrs) and self.device.type == "cuda":
             self._upload()
 
     def _upload(self) -> None:
-        # A fresh pinned copy per upload: the caching host allocator keeps it alive until the
-        # asynchronous copy has run, so the host table can change again right away.
-        staged = self.host_rows.clone().pin_memory()
-        self.rows = staged.to(self.device, non_blocking=True)
+        self.rows = _device_rows(self.host_rows, self.device)
         self.native = _native_table(self.rows, self.host_rows, self.steps, self.dtype, self.master)
 
 
@@ -271,14 +281,10 @@ class BucketTable:
     def set_tensors(self, tensors: Sequence[Optional[torch.Tensor]]) -> None:
         """Point the table at new tensors (same count; the caller has checked them), uploading the
         address row to the device only when it changed."""
-        addrs = np.fromiter((0 if t is None else t.data_ptr() for t in tensors), dtype=np.int64, count=self.n)
-        host = self.host_rows.numpy()
+        addrs = [0 if t is None else t.data_ptr() for t in tensors]
         self.tensors = list(tensors)
-        if np.array_equal(host[ROW_GRAD], addrs):
-            return
-        host[ROW_GRAD] = addrs
-        if self.device.type == "cuda":
-            self.rows = self.host_rows.clone().pin_memory().to(self.device, non_blocking=True)
+        if _rewrite_row(self.host_rows, ROW_GRAD, addrs) and self.device.type == "cuda":
+            self.rows = _device_rows(self.host_rows, self.device)
 
     def release(self) -> None:
         """Drop the references to the tensors once the launch that used them is queued (the caching
@@ -313,7 +319,7 @@ def make_bucket_table(numels: Sequence[int], offsets: Sequence[int], dtype: torc
                 check_bucket_tensor(t, table, k)
         table.set_tensors(tensors)
     elif table.device.type == "cuda":
-        table.rows = host_rows.clone().pin_memory().to(table.device, non_blocking=True)
+        table.rows = _device_rows(host_rows, table.device)
     return table
 
 
