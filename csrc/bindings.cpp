@@ -1,6 +1,8 @@
 // bindings.cpp: the one Python module, trainpatterns._C. Each function here checks its plain
-// arguments, releases the GIL and forwards to a kernel. Tensors never reach this file: the Python
-// side (python/trainpatterns/_kernels.py) turns them into addresses, counts and dtype tags.
+// arguments, releases the GIL and forwards to a kernel. Tensors never reach a kernel: the Python
+// side (python/trainpatterns/_kernels.py) turns them into addresses, counts and dtype tags. The one
+// place that sees tensors is the optimizers' per-step check (common/tensor_watch.h), and there
+// they stay opaque Python objects whose addresses torch's own exported reader returns.
 #include <pybind11/pybind11.h>
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
@@ -11,6 +13,7 @@
 
 #include "common/cpu_kernels.h"
 #include "common/params.h"
+#include "common/tensor_watch.h"
 #include "comm/comm_kernels.h"
 #include "loader/prefetcher.h"
 #ifdef TP_WITH_CUDA
@@ -151,6 +154,24 @@ PYBIND11_MODULE(_C, m) {
            py::arg("steps"), py::arg("dtype"), py::arg("master") = false)
       .def_readonly("n", &tp::TensorTable::n)
       .def_readonly("total", &tp::TensorTable::total);
+
+  // Per-step plan checks (optimizers): tensors stay opaque Python objects, see tensor_watch.h.
+  m.def("set_data_ptr_reader", &tp::set_data_ptr_reader, py::arg("fn_addr"), py::arg("fallback"),
+        "Install how tensor data addresses are read: torch's exported C reader, else a Python callable.");
+  m.def("data_ptrs", &tp::data_ptrs, py::arg("tensors"), "The data address of each tensor of a list.");
+  py::class_<tp::TensorWatch>(m, "TensorWatch")
+      .def(py::init<const py::list&, const std::vector<int64_t>&, const py::list&>(), py::arg("params"),
+           py::arg("active"), py::arg("grads"))
+      .def("check",
+           [](const tp::TensorWatch& w, const py::list& params, const py::object& grads) {
+             py::list picked;
+             const int status = static_cast<int>(w.check(params, grads, &picked));
+             return py::make_tuple(status, picked);
+           },
+           py::arg("params"), py::arg("grads") = py::none(),
+           "(status, picked): status 0 unchanged, 1 same positions with a gradient but new gradient "
+           "tensors (picked: those gradients in table order), 2 changed")
+      .def("set_grads", &tp::TensorWatch::set_grads, py::arg("grads"), py::arg("addrs"));
 
   py::class_<tp::GradControl>(m, "GradControl")
       .def(py::init([](double grad_mul, std::uintptr_t grad_mul_dev, std::uintptr_t skip_dev) {

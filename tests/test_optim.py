@@ -286,6 +286,93 @@ def test_param_storage_swap_is_detected():
     torch.testing.assert_close(p.detach(), torch.full((10,), -0.5))
 
 
+class TestTensorWatch:
+    """The native per-step check behind the plan cache (csrc/common/tensor_watch.h): each status
+    against what plainly happened to the tensors."""
+
+    def _watched(self):
+        from trainpatterns import _kernels
+        params = [torch.nn.Parameter(torch.randn(n)) for n in (5, 1, 9)]
+        params[0].grad, params[2].grad = torch.randn(5), torch.randn(9)
+        active = [2, 0]  # table order need not be position order
+        return _kernels, params, active, _kernels.tensor_watch(params, active, [params[2].grad, params[0].grad])
+
+    def test_unchanged_and_new_gradient_objects(self):
+        k, params, active, watch = self._watched()
+        assert watch.check(params) == (k.WATCH_UNCHANGED, [])
+        params[0].grad = torch.randn(5)
+        status, picked = watch.check(params)
+        assert status == k.WATCH_NEW_GRADS
+        assert picked[0] is params[2].grad and picked[1] is params[0].grad  # table order
+        watch.set_grads(picked, k.data_ptrs(picked))
+        assert watch.check(params)[0] == k.WATCH_UNCHANGED
+
+    def test_moved_gradient_storage_is_seen(self):
+        k, params, _, watch = self._watched()
+        params[2].grad.data = torch.randn(9)  # same object, new storage
+        assert watch.check(params)[0] == k.WATCH_NEW_GRADS
+
+    def test_changes_that_rebuild(self):
+        k, params, _, watch = self._watched()
+        params[1].grad = torch.randn(1)  # another set of parameters with a gradient
+        assert watch.check(params)[0] == k.WATCH_CHANGED
+        params[1].grad = None
+        assert watch.check(params)[0] == k.WATCH_UNCHANGED
+        params[0].data = torch.randn(5)  # parameter storage swapped
+        assert watch.check(params)[0] == k.WATCH_CHANGED
+        assert watch.check(params[:2])[0] == k.WATCH_CHANGED  # another list length
+
+    def test_explicit_gradient_list(self):
+        k, params, _, watch = self._watched()
+        assert watch.check(params, [params[0].grad, None, params[2].grad])[0] == k.WATCH_UNCHANGED
+        assert watch.check(params, [None, None, params[2].grad])[0] == k.WATCH_CHANGED
+        with pytest.raises(ValueError, match="one entry per parameter"):
+            watch.check(params, [None])
+
+    def test_gradients_are_held_weakly(self):
+        import weakref
+        k, params, _, watch = self._watched()
+        ref = weakref.ref(params[0].grad)
+        params[0].grad = None
+        assert ref() is None
+        assert watch.check(params)[0] == k.WATCH_CHANGED
+
+
+@pytest.fixture(params=["torch C reader", "Tensor.data_ptr fallback"])
+def address_reader(request):
+    """Run a test with each way the native side reads tensor addresses (the C function torch
+    exports, or calling Tensor.data_ptr where a torch has none)."""
+    from trainpatterns import _C, _kernels
+    if request.param == "torch C reader" and _kernels._torch_data_ptr_reader() == 0:
+        pytest.skip("this torch exports no C data-pointer reader")
+    if request.param != "torch C reader":
+        _C.set_data_ptr_reader(0, torch.Tensor.data_ptr)
+    try:
+        yield request.param
+    finally:
+        _C.set_data_ptr_reader(_kernels._torch_data_ptr_reader(), torch.Tensor.data_ptr)
+
+
+def test_address_readers_give_data_ptr_and_torch_trajectory(address_reader):
+    from trainpatterns import _kernels
+    tensors = [torch.randn(7), torch.randn(3, 4)[:, 1:], torch.empty(0), torch.randn(2)[1:]]
+    assert _kernels.data_ptrs(tensors) == [t.data_ptr() for t in tensors]
+    init = make_params([(278011,), (17, 3), (1,)])
+    a = [torch.nn.Parameter(t.clone()) for t in init]
+    b = [torch.nn.Parameter(t.clone()) for t in init]
+    ref = torch.optim.AdamW(a, lr=1e-2, foreach=False)
+    ours = FusedAdamW(b, lr=1e-2)
+    for step in range(6):
+        grads = [torch.randn_like(p) for p in a]
+        for x, y, g in zip(a, b, grads):
+            x.grad, y.grad = g.clone(), g.clone()  # new gradient objects every step
+        if step == 3:
+            b[0].data = b[0].detach().clone()  # and one storage swap
+        ref.step()
+        ours.step()
+    assert_close_lists(a, b, torch.float32)
+
+
 def test_lr_scheduler_and_param_groups():
     init = make_params([(101,), (7, 3)])
     a = [torch.nn.Parameter(t.clone()) for t in init]

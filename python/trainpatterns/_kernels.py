@@ -83,6 +83,37 @@ def check_grad(g: torch.Tensor, p: torch.Tensor, name: str) -> None:
         )
 
 
+# ----- per-step plan checks (csrc/common/tensor_watch.h) -----------------------------------------
+
+def _torch_data_ptr_reader() -> int:
+    """The address of the C function torch exports to read a tensor's data address from its Python
+    object (what inductor's generated C code uses); 0 where this torch has none, and the native
+    side then calls ``Tensor.data_ptr`` instead (same result, slower)."""
+    guards = getattr(getattr(torch._C, "_dynamo", None), "guards", None)
+    addr = getattr(guards, "_torchinductor_pyobject_tensor_data_ptr", 0)
+    return addr if isinstance(addr, int) else 0
+
+
+_C.set_data_ptr_reader(_torch_data_ptr_reader(), torch.Tensor.data_ptr)
+
+# What TensorWatch.check returns.
+WATCH_UNCHANGED, WATCH_NEW_GRADS, WATCH_CHANGED = 0, 1, 2
+
+
+def data_ptrs(tensors: list) -> list:
+    """``[t.data_ptr() for t in tensors]`` in one native loop; the tensors must be dense."""
+    return _C.data_ptrs(tensors)
+
+
+def tensor_watch(params: list, active: list, grads: list):
+    """A native record of which of ``params`` have a gradient (positions ``active``, in table
+    order, whose gradients are ``grads``) and of their addresses; ``check(params)`` then compares
+    the live tensors with it in one pass and returns ``(status, picked)``: one of the ``WATCH_*``
+    codes and, for ``WATCH_NEW_GRADS``, the active gradients in table order. Gradients are held by
+    weak reference only."""
+    return _C.TensorWatch(params, active, grads)
+
+
 def _addr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 

@@ -21,9 +21,7 @@ from __future__ import annotations
 import math
 import operator
 import warnings
-import weakref
-from dataclasses import dataclass, field
-from itertools import repeat
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -46,58 +44,33 @@ class _Bucket:
 
     indices: list  # positions in group["params"]
     table: _kernels.KernelTable
+    numels: list  # element count of each parameter, for the bulk check of new gradients
 
 
 @dataclass
 class _GroupPlan:
     """What the step of one param group needs, cached while the group's tensors do not change.
 
-    Gradients are held by weak reference only: after ``zero_grad(set_to_none=True)`` the old
-    gradients are freed as they would be with torch's optimizers, instead of living on in the cache
-    until the next step. A dead reference simply means "new gradient tensor". Every check below is
-    a C-level pass (map over builtins), never a Python loop: they run every step."""
+    ``watch`` (native, csrc/common/tensor_watch.h) records which positions have a gradient and the
+    addresses the tables hold; its ``check`` compares the live tensors with that record in one C
+    loop every step. Gradients are held by weak reference only: after
+    ``zero_grad(set_to_none=True)`` the old gradients are freed as they would be with torch's
+    optimizers, instead of living on in the cache until the next step."""
 
     params: list  # the group's params list object (identity is checked)
-    n_params: int
     key: tuple  # structure flags (amsgrad, momentum on/off): a change rebuilds the plan
     buckets: list
     device: torch.device
     active: list  # positions in params that have a gradient, in bucket order
-    active_params: list  # params[active]
-    has_grad: list = field(default_factory=list)  # per position in params: grad is not None
-    grad_refs: list = field(default_factory=list)  # weakrefs to the active gradients the tables use
-    ptrs: list = field(default_factory=list)  # addresses of active params, then of their gradients
+    watch: Any = None
 
     def pick(self, grads: list) -> list:
         """The gradients of the active positions, in bucket order."""
         return [grads[i] for i in self.active] if len(self.active) < 2 else list(operator.itemgetter(*self.active)(grads))
 
-    def watch(self, grads: list, picked: list, grad_ptrs: Optional[list] = None) -> None:
-        """Record the gradients and the addresses the tables hold (parameter addresses are read
-        here only when the plan is built: a refresh keeps them)."""
-        self.has_grad = list(map(operator.is_not, grads, repeat(None)))
-        self.grad_refs = list(map(weakref.ref, picked))
-        param_ptrs = self.ptrs[:len(self.active)] if self.ptrs else list(map(_data_ptr, self.active_params))
-        self.ptrs = param_ptrs + (list(map(_data_ptr, picked)) if grad_ptrs is None else grad_ptrs)
 
-    def same_active_set(self, grads: list) -> bool:
-        return list(map(operator.is_not, grads, repeat(None))) == self.has_grad
-
-    def same_grads(self, picked: list) -> bool:
-        """Whether ``picked`` are the very gradient objects the tables were pointed at."""
-        return all(map(operator.is_, picked, map(operator.call, self.grad_refs)))
-
-    def params_in_place(self) -> bool:
-        """False if a parameter's storage was swapped (``p.data = ...``, as ``Module.to()`` does)."""
-        return list(map(_data_ptr, self.active_params)) == self.ptrs[:len(self.active)]
-
-    def grads_in_place(self, picked: list) -> bool:
-        """False if a gradient's storage was swapped under the same object (``p.grad.data = ...``)."""
-        return list(map(_data_ptr, picked)) == self.ptrs[len(self.active):]
-
-
-_data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
+_numel = torch.Tensor.numel
 _grad_of = operator.attrgetter("grad")
 _dtype_of = operator.attrgetter("dtype")
 
@@ -212,26 +185,25 @@ class _FusedOptimizer(torch.optim.Optimizer):
         return ()
 
     def _plan(self, gi: int, group: dict, grads: Optional[list] = None, key: object = None) -> _GroupPlan:
-        """The cached plan of a group, refreshed as little as needed: when nothing changed, a few
-        C-level passes (read ``.grad``, identity and address checks); when only the gradient
+        """The cached plan of a group, refreshed as little as needed: when nothing changed, one
+        native check (reads ``.grad``, compares identities and addresses); when only the gradient
         tensors changed (``zero_grad(set_to_none=True)`` + backward, every step), a bulk check of
         the new gradients and a rewrite of one table row; otherwise a rebuild. ``grads`` (default:
         every parameter's ``.grad``) and ``key`` (default: the group index) let :meth:`step_subset`
         cache plans over part of a group; None entries are skipped."""
         params = group["params"]
-        if grads is None:
-            grads = list(map(_grad_of, params))
         key = gi if key is None else key
         plan = self._plans.get(key)
-        if (plan is not None and plan.params is params and plan.n_params == len(params)
-                and plan.key == self._structure_key(group) and plan.same_active_set(grads)
-                and plan.params_in_place() and self._owns_steps(plan)):
-            picked = plan.pick(grads)
-            if not plan.same_grads(picked):
-                self._refresh_grads(gi, plan, grads, picked)  # same active set, new gradient tensors
-                return plan
-            if plan.grads_in_place(picked):
+        if (plan is not None and plan.params is params and plan.key == self._structure_key(group)
+                and self._owns_steps(plan)):
+            status, picked = plan.watch.check(params, grads)
+            if status == _kernels.WATCH_UNCHANGED:
                 return plan  # the fast path: nothing changed since the last step
+            if status == _kernels.WATCH_NEW_GRADS:
+                self._refresh_grads(gi, plan, picked)  # same active set, new gradient tensors
+                return plan
+        if grads is None:
+            grads = list(map(_grad_of, params))
         plan = self._build_plan(gi, group, grads)
         # A plan's tables own the step counts of its parameters (state["step"] are views into
         # them): plans over the same parameters under other keys now hold stale counts.
@@ -249,27 +221,28 @@ class _FusedOptimizer(torch.optim.Optimizer):
         first = plan.buckets[0]
         return self.state[plan.params[first.indices[0]]]["step"]._base is first.table.steps
 
-    def _refresh_grads(self, gi: int, plan: _GroupPlan, grads: list, picked: list) -> None:
+    def _refresh_grads(self, gi: int, plan: _GroupPlan, picked: list) -> None:
         """Point the tables at new gradient tensors. torch itself refuses a ``.grad`` of another
-        shape or device (and of another dtype unless ``grad_dtype`` was changed), so a bulk check of
-        dtype and contiguity suffices; any failure falls back to the per-tensor checks, which name
-        the parameter."""
+        shape or device (and of another dtype unless ``grad_dtype`` was changed), but ``g.data = x``
+        can still change a gradient's size, so a bulk check of dtype, element count and contiguity
+        runs; any failure falls back to the per-tensor checks, which name the parameter."""
         start = 0
         grad_ptrs = []
         for bucket in plan.buckets:
             new = picked[start:start + len(bucket.indices)]
             start += len(new)
             try:
-                ok = all(map(_is_contiguous, new)) and list(map(_dtype_of, new)).count(bucket.table.dtype) == len(new)
+                ok = (all(map(_is_contiguous, new)) and list(map(_numel, new)) == bucket.numels
+                      and list(map(_dtype_of, new)).count(bucket.table.dtype) == len(new))
             except RuntimeError:  # sparse tensors have no is_contiguous(); check_grad names them
                 ok = False
             if not ok:
                 for g, i in zip(new, bucket.indices):
                     _kernels.check_grad(g, plan.params[i], self._param_name(gi, i))
-            addrs = list(map(_data_ptr, new))
+            addrs = _kernels.data_ptrs(new)
             bucket.table.replace_grad_addresses(addrs)
             grad_ptrs += addrs
-        plan.watch(grads, picked, grad_ptrs)
+        plan.watch.set_grads(picked, grad_ptrs)
 
     def _build_plan(self, gi: int, group: dict, grads: list) -> _GroupPlan:
         params = group["params"]
@@ -291,9 +264,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         buckets = [self._make_bucket(group, indices, grads, fresh) for indices in by_dtype.values()]
         device = params[0].device if params else torch.device("cpu")
         active = [i for b in buckets for i in b.indices]
-        plan = _GroupPlan(params, len(params), self._structure_key(group), buckets, device, active,
-                          [params[i] for i in active])
-        plan.watch(grads, plan.pick(grads))
+        plan = _GroupPlan(params, self._structure_key(group), buckets, device, active)
+        plan.watch = _kernels.tensor_watch(params, active, plan.pick(grads))
         return plan
 
     def _make_bucket(self, group: dict, indices: list, grads: list, fresh: dict) -> _Bucket:
@@ -316,7 +288,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             steps = torch.tensor([0.0 if fresh.get(id(p), False) else 1.0 for p in params],
                                  dtype=torch.float32, device=device)
         table = _kernels.make_table(params, [grads[i] for i in indices], rows, masters, steps, master)
-        return _Bucket(indices, table)
+        return _Bucket(indices, table, [p.numel() for p in params])
 
     # ----- the step --------------------------------------------------------------------------
 
