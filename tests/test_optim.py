@@ -357,6 +357,8 @@ def test_address_readers_give_data_ptr_and_torch_trajectory(address_reader):
     from trainpatterns import _kernels
     tensors = [torch.randn(7), torch.randn(3, 4)[:, 1:], torch.empty(0), torch.randn(2)[1:]]
     assert _kernels.data_ptrs(tensors) == [t.data_ptr() for t in tensors]
+    with pytest.raises((RuntimeError, TypeError)):  # an error, never a crash
+        _kernels.data_ptrs([torch.randn(3), "not a tensor"])
     init = make_params([(278011,), (17, 3), (1,)])
     a = [torch.nn.Parameter(t.clone()) for t in init]
     b = [torch.nn.Parameter(t.clone()) for t in init]
