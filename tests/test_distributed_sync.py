@@ -7,15 +7,18 @@ training scenarios while two more pairs check failures, all at once (~30-40 s on
 """
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import trainpatterns as tp
 from trainpatterns import _kernels
@@ -171,6 +174,33 @@ def test_single_process_is_plain_training(monkeypatch):
         loss.backward()  # steps the optimizer, bucket by bucket
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), ref["params"][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("compress", [None, "bf16"])
+def test_copied_gradients_give_way_to_their_slots_during_backward(compress):
+    # After zero_grad(set_to_none=True) autograd makes fresh gradients; each is copied into its bucket
+    # and must be released when that bucket is packed, while backward still runs (so later layers
+    # reuse its memory), not at the end of backward. Values: those of a plain copy of the model.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 300), nn.Tanh(), nn.Linear(300, 5))
+    plain = copy.deepcopy(model)
+    late = model[2].weight
+    fresh = {}
+    late.register_post_accumulate_grad_hook(lambda p: fresh.update(ref=weakref.ref(p.grad)))  # before ours
+    ddp = SyncDataParallel(model, bucket_mb=0.001, first_bucket_mb=0.001, compress=compress)
+    assert ddp.bucket_params[0] == ["2.bias", "2.weight"]
+    alive_at_end = []
+    model[0].weight.register_post_accumulate_grad_hook(lambda p: alive_at_end.append(fresh["ref"]() is not None))
+    for step in range(3):
+        model.zero_grad(set_to_none=True)
+        plain.zero_grad(set_to_none=True)
+        x = torch.randn(4, 7)
+        ddp(x).square().sum().backward()
+        plain(x).square().sum().backward()
+        for (n, p), q in zip(model.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=0 if compress is None else 2.0 ** -7,
+                                       atol=0 if compress is None else 1e-6, msg=f"step {step}: {n}")
+    assert alive_at_end == [False, False, False], "a copied-in gradient lived until the end of backward"
 
 
 def test_bad_arguments_are_clear_errors():
