@@ -110,6 +110,7 @@ class SyncDataParallel(nn.Module):
         self.module = module
         self.compress = compress
         self.bucket_mb = float(bucket_mb)
+        self.first_bucket_mb = float(min(first_bucket_mb, bucket_mb))
         self.broadcast_buffers = bool(broadcast_buffers)
         self._group = process_group
         self._distributed = dist.is_available() and dist.is_initialized()
