@@ -263,10 +263,10 @@ def _run_pairs(scenarios: list, tmp: Path, timeout_s: float) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """All multi-process runs at once: the training scenarios on one pair, and a pair each where
-    rank 1 dies or stalls mid-backward."""
+    """All multi-process runs at once: the training scenarios on one pair, the Trainer on another,
+    and a pair each where rank 1 dies or stalls mid-backward."""
     tmp = tmp_path_factory.mktemp("sync")
-    codes = _run_pairs(["all", "die", "stall"], tmp, timeout_s=150)
+    codes = _run_pairs(["all", "trainer", "die", "stall"], tmp, timeout_s=150)
     return tmp, codes
 
 
@@ -350,3 +350,30 @@ def test_a_failed_rank_makes_the_other_raise_in_time(runs, how, limit_s):
     assert "SyncDataParallel: the all-reduce of gradient bucket" in res["error"]
     assert "rank 0 of 2" in res["error"] and "died or stalled" in res["error"]
     assert res["seconds"] < limit_s, f"rank 0 took {res['seconds']:.1f} s to notice"
+
+
+@pytest.mark.timeout(180)
+def test_trainer_under_two_processes_trains_in_step_and_checkpoints(runs):
+    # Trainer.fit under torchrun: it wraps the model in SyncDataParallel, shards the data, and
+    # saves together with the other rank. Both ranks must end bitwise equal (rank 1 started from
+    # other weights), have trained (the loss fell), and the last checkpoint must hold those weights.
+    from trainpatterns.checkpoint import CheckpointManager, load_weights
+
+    tmp, codes = runs
+    assert codes["trainer"] == 0, f"trainer worker return code {codes['trainer']} (None: killed after the timeout)"
+    r0, r1 = (torch.load(tmp / f"trainer_rank{r}.pt") for r in range(W.WORLD))
+    assert r0["wrapper"] == r1["wrapper"] == "SyncDataParallel"
+    assert r0["steps"] == r1["steps"] == W.TRAINER_STEPS
+    assert any(not torch.equal(r0["init"][n], r1["init"][n]) for n in r0["init"]), "ranks started equal"
+    for n in r0["params"]:
+        assert torch.equal(r0["params"][n], r1["params"][n]), f"{n} differs between the ranks"
+        assert not torch.equal(r0["params"][n], r0["init"][n]), f"{n} did not train"
+    # train_loss is each rank's own shard; the validation loss is over the same data with the same weights.
+    assert [m["val_loss"] for m in r0["history"]] == [m["val_loss"] for m in r1["history"]]
+    assert r0["history"][-1]["val_loss"] < r0["history"][0]["val_loss"]
+    infos = CheckpointManager(tmp / "trainer_run").list(verify=True)
+    assert [i.step for i in infos] == [2, 4, 6] and all(i.valid for i in infos), infos
+    restored = W.trainer_model(seed=1)
+    load_weights(restored, infos[-1].path)
+    for n, p in restored.named_parameters():
+        assert torch.equal(p.detach(), r0["params"][n]), f"checkpoint {n} differs from the trained weights"
