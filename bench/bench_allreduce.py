@@ -14,8 +14,8 @@ Variants (same bucket layout, same optimizer: trainpatterns FusedAdamW, same ini
                   read from it (torch 2.13: B itself when bucket_cap_mb is given, as here; 1 MiB
                   with DDP's default cap), so both split the gradients into the same buckets
   ours_no_sync    ours inside no_sync(): our compute-only step (shares ours' model)
-  ours_bf16       SyncDataParallel(bucket_mb=B, compress="bf16")
-  ours_step_overlap  SyncDataParallel(optimizer=...): each bucket stepped once reduced (MLP only)
+  ours_bf16       ours with compress="bf16"
+  ours_step_overlap  ours with optimizer=...: each bucket stepped once reduced (MLP only)
   allreduce       a plain dist.all_reduce of a float32 buffer as large as all gradients: the link's
                   limit for the uncompressed bytes (allreduce_bf16: the same count in bfloat16)
 Scaling efficiency = compute-only step / step. Models: a 4-layer 1024-wide MLP, and (not with

@@ -135,7 +135,7 @@ class SyncDataParallel(nn.Module):
 
         self._check_same_model(named)
         self._broadcast([p.detach() for _, p in named] + list(module.buffers()))
-        self._buckets = self._make_buckets(trainable, first_bucket_mb)
+        self._buckets = self._make_buckets(trainable)
         self._sync = True
         self._sync_backward = True  # what the last forward decided
         self._round_open = False  # a backward with synchronisation is in progress
@@ -183,9 +183,9 @@ class SyncDataParallel(nn.Module):
                 for t, piece in zip(chunk, flat.split([t.numel() for t in chunk])):
                     t.copy_(piece.view_as(t))
 
-    def _make_buckets(self, trainable: list, first_bucket_mb: float) -> list:
+    def _make_buckets(self, trainable: list) -> list:
         """Reverse registration order, split by dtype and size: the same on every rank."""
-        cap_first = int(min(first_bucket_mb, self.bucket_mb) * _MIB)
+        cap_first = int(self.first_bucket_mb * _MIB)
         cap = int(self.bucket_mb * _MIB)
         groups: list = []
         size, full = 0, False
