@@ -5,8 +5,8 @@ Run as ``python tests/_sync_worker.py SCENARIO OUTDIR`` with torchrun's variable
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); it joins the job with
 ``trainpatterns.distributed.init_from_env`` and saves what the test checks to
 ``OUTDIR/SCENARIO_rank{RANK}.pt``. Scenario "all" runs every training scenario in one process pair
-(process start-up dominates the cost); "die" and "stall" make rank 1 exit or hang in the middle
-of a backward.
+(process start-up dominates the cost); "trainer" runs ``Trainer.fit`` on the CLI's built-in task;
+"die" and "stall" make rank 1 exit or hang in the middle of a backward.
 """
 from __future__ import annotations
 
@@ -162,6 +162,41 @@ class _nothing:
         return False
 
 
+# The Trainer scenario: the CLI's built-in pendulum task, small.
+TRAINER_JOB = dict(samples=512, hidden=16, seed=0)
+TRAINER_BATCH = 32  # per rank
+TRAINER_STEPS = 6  # 3 virtual epochs of 2 steps: 3 checkpoints
+
+
+def trainer_model(seed: int) -> nn.Module:
+    from trainpatterns.cli import DEFAULTS, Job
+
+    torch.manual_seed(seed)
+    return Job(dict(DEFAULTS, **TRAINER_JOB)).model()
+
+
+def run_trainer(rank: int, outdir: str) -> dict:
+    """``Trainer.fit`` under torchrun on the built-in task: the Trainer wraps the model in
+    SyncDataParallel, gives each rank its own shard, and the ranks save checkpoints together."""
+    from trainpatterns.checkpoint import VirtualEpochs
+    from trainpatterns.cli import DEFAULTS, Job
+    from trainpatterns.optim import FusedAdamW
+    from trainpatterns.train import Trainer
+
+    job = Job(dict(DEFAULTS, **TRAINER_JOB))
+    model = trainer_model(seed=rank)  # rank 1 starts elsewhere: the wrap must broadcast rank 0's values
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = FusedAdamW(model.parameters(), lr=1e-2, max_grad_norm=1.0)
+    n = job.x.shape[0] // WORLD  # rows per rank
+    plan = VirtualEpochs(n, TRAINER_BATCH, stop_point=TRAINER_STEPS * TRAINER_BATCH / n, num_checkpoints=3)
+    trainer = Trainer(model, job.loss_fn, opt, (job.x, job.y), (job.x_val, job.y_val),
+                      checkpoint_dir=os.path.join(outdir, "trainer_run"), plan=plan, progress=False,
+                      num_threads=1, async_save=False)
+    history = trainer.fit()
+    return {"wrapper": type(trainer.model).__name__, "steps": trainer.step, "history": history, "init": init,
+            "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
 def fail(rank: int, how: str) -> dict:
     """Rank 1 exits ("die") or hangs ("stall") inside its second backward, after launching some
     buckets; rank 0 must raise a clear error, at once for a dead peer, within the timeout for a
@@ -206,6 +241,8 @@ def main() -> None:
     assert info.world_size == WORLD and info.backend == "gloo", info
     if scenario in ("die", "stall"):
         out = fail(info.rank, scenario)
+    elif scenario == "trainer":
+        out = run_trainer(info.rank, outdir)
     else:
         names = list(SCENARIOS) if scenario == "all" else [scenario]
         out = {name: run_scenario(name, info.rank) for name in names}

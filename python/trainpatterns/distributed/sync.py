@@ -12,8 +12,10 @@ parameters stay identical. How (the design of torch DDP, with fused native bucke
 * A post-accumulate-grad hook marks a parameter ready; when all parameters of a bucket (and of every
   bucket before it: all ranks launch in the same order) are ready, one native pass packs the bucket
   (gradients that are not yet views are copied in, absent ones count as zeros), scales it by
-  1/world_size and, with ``compress``, casts it to bfloat16/float16; then an asynchronous
-  ``all_reduce`` starts while backward goes on. At the end of backward (a queued autograd callback)
+  1/world_size and, with ``compress``, casts it to bfloat16/float16; a gradient that was copied in
+  is replaced by its slot right away (so its memory is reused by the rest of backward instead of
+  being returned to the OS and faulted back in next step); then an asynchronous ``all_reduce``
+  starts while backward goes on. At the end of backward (a queued autograd callback)
   the remaining buckets are launched, each is waited for in order, unpacked (cast back) and, with
   ``optimizer=``, that bucket's parameters are stepped while later buckets are still in flight.
 * Each bucket also carries one "has a gradient" flag per parameter, so a parameter that got no
@@ -108,6 +110,7 @@ class SyncDataParallel(nn.Module):
         self.module = module
         self.compress = compress
         self.bucket_mb = float(bucket_mb)
+        self.first_bucket_mb = float(min(first_bucket_mb, bucket_mb))
         self.broadcast_buffers = bool(broadcast_buffers)
         self._group = process_group
         self._distributed = dist.is_available() and dist.is_initialized()
@@ -132,7 +135,7 @@ class SyncDataParallel(nn.Module):
 
         self._check_same_model(named)
         self._broadcast([p.detach() for _, p in named] + list(module.buffers()))
-        self._buckets = self._make_buckets(trainable, first_bucket_mb)
+        self._buckets = self._make_buckets(trainable)
         self._sync = True
         self._sync_backward = True  # what the last forward decided
         self._round_open = False  # a backward with synchronisation is in progress
@@ -180,9 +183,9 @@ class SyncDataParallel(nn.Module):
                 for t, piece in zip(chunk, flat.split([t.numel() for t in chunk])):
                     t.copy_(piece.view_as(t))
 
-    def _make_buckets(self, trainable: list, first_bucket_mb: float) -> list:
+    def _make_buckets(self, trainable: list) -> list:
         """Reverse registration order, split by dtype and size: the same on every rank."""
-        cap_first = int(min(first_bucket_mb, self.bucket_mb) * _MIB)
+        cap_first = int(self.first_bucket_mb * _MIB)
         cap = int(self.bucket_mb * _MIB)
         groups: list = []
         size, full = 0, False
@@ -326,7 +329,14 @@ class SyncDataParallel(nn.Module):
         tensors.append(b.flags)
         b.pack_table.set_tensors(tensors)
         _kernels.bucket_pack(b.pack_table, b.wire, 1.0 / self.world_size)
-        b.pack_table.release()  # gradients that were copied in may be freed now
+        b.pack_table.release()
+        # A gradient that was copied in gives way to its slot now, not after the all-reduce: it is freed
+        # while backward runs and the next layers' gradients reuse its memory. (Holding them all to the
+        # end of backward let the allocator return about the model's size to the OS and fault it back
+        # in every step: ~40k page faults and ~10% of a GPT-50M step on 2 CPU cores.)
+        for k, (p, view) in enumerate(zip(b.params, b.views)):
+            if b.had_grad[k] and p.grad is not view:
+                p.grad = view
         if self._distributed:
             try:
                 b.work = dist.all_reduce(b.wire, group=self._group, async_op=True)
