@@ -95,6 +95,12 @@ def log_expected_improvement(mean: np.ndarray, var: np.ndarray, best: float) -> 
     return np.log(sigma) + _log_h((best - mean) / sigma)
 
 
+def sobol_points(dim: int, n: int, seed: Any) -> np.ndarray:
+    """``n`` points of a scrambled Sobol sequence in [0, 1)^dim: the first n of the next power of
+    two (scipy warns about unbalanced draws of other sizes, once per call)."""
+    return qmc.Sobol(dim, scramble=True, seed=seed).random_base2(max(0, (n - 1).bit_length()))[:n]
+
+
 def _matern52(d2: np.ndarray, signal: float) -> tuple[np.ndarray, np.ndarray]:
     """signal * (1 + sqrt5 r + 5/3 r^2) exp(-sqrt5 r) at scaled squared distances ``d2`` = r^2, and
     its derivative with respect to d2: -(5/6) signal (1 + sqrt5 r) exp(-sqrt5 r)."""
@@ -410,8 +416,7 @@ class GPSampler(Sampler):
     def _maximise_acquisition(self, gp: GaussianProcess, enc: _Encoder, best: float, x: np.ndarray,
                               y: np.ndarray, number: int) -> np.ndarray:
         rng = trial_rng(self.seed, number, "gp-acquisition")
-        sobol = qmc.Sobol(len(enc.columns), scramble=True, seed=rng)
-        cand = enc.from_unit_cube(sobol.random(self.n_candidates))
+        cand = enc.from_unit_cube(sobol_points(len(enc.columns), self.n_candidates, rng))
         acq = gp.log_ei(cand, best)
         # Local-search starts (as Optuna does): the best observed point, the best candidate, and
         # candidates drawn with probability proportional to their EI (roulette), for diversity.

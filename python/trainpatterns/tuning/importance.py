@@ -14,10 +14,9 @@ import math
 from typing import Any
 
 import numpy as np
-from scipy.stats import qmc
 
 from .base import intersection_search_space
-from .gp import GaussianProcess, _Encoder, blas_threads
+from .gp import GaussianProcess, _Encoder, blas_threads, sobol_points
 from .space import CategoricalDistribution
 from .trial import TrialState
 
@@ -43,7 +42,7 @@ def param_importances(study: Any, *, levels: int = 16, samples: int = 256, seed:
 
 def _main_effects(enc: _Encoder, x: np.ndarray, y: np.ndarray, levels: int, samples: int, seed: int) -> dict:
     gp = GaussianProcess.fit(x, y, deterministic=False, init=None, iterations=100)
-    base_u = qmc.Sobol(len(enc.columns), scramble=True, seed=seed).random(samples)
+    base_u = sobol_points(len(enc.columns), samples, seed)
     variances = {}
     for j, (name, d, c, w) in enumerate(enc.columns):
         grid = ([(i + 0.5) / w for i in range(w)] if isinstance(d, CategoricalDistribution)
