@@ -11,6 +11,12 @@ for our RandomSampler, our GPSampler and, when installed, Optuna's GPSampler; ev
 the reference figures are the ones measured in /work/shared/ANCHORS.md (Optuna 5.0: Branin @50
 5.7e-5, Hartmann6 @100 8.9e-5).
 
+Diagnostic column (with Optuna): "gp|optuna-start", our GP started from the very 10 startup points
+Optuna's run drew for the same seed (enqueued), so the two GPs differ only in the modelling and
+acquisition from trial 10 on. On Hartmann6, which startup design lands a point near the global
+basin decides most of the median over 10 seeds (see bench/RESULTS.md); this column shows the GP
+part alone. It carries no target: the targets compare the samplers as a user gets them.
+
 Time per suggestion: a Hartmann6 GP study is run up to n - 5 trials, then ``optimize(n_trials=1)`` is
 timed for the next 10 trials (the sampler's whole cost: fit, acquisition, storage); median, at n = 100
 and 300 (``--quick``: 100 only). Ours and Optuna's are measured in this process, one after the other.
@@ -18,17 +24,21 @@ and 300 (``--quick``: 100 only). Ours and Optuna's are measured in this process,
 Targets: our GP's median regret <= Optuna GP's at the same budget (ratio Optuna / ours >= 1), and
 <= 50 ms per suggestion at 100 trials (ratio 50 ms / ours >= 1).
 
-Run: python bench/bench_tuning.py [--quick] [--seeds N] [--json FILE]
+Run: python bench/bench_tuning.py [--quick] [--seeds N] [--part all|regret|timing] [--lock FILE] [--json FILE]
+(``--lock FILE``: hold an exclusive flock on FILE only while the timed suggestions run, so a shared
+machine's timing runs never overlap; the regret part is a quality measurement and needs no lock.)
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
 import os
 import statistics
 import sys
 import time
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import Target, apply_threads, common_parser, environment, format_targets, write_json  # noqa: E402
@@ -86,62 +96,94 @@ class _OptunaStudy:
     def values(self) -> list:
         return [t.value for t in self.study.trials]
 
+    def params(self) -> list:
+        return [t.params for t in self.study.trials]
+
 
 def _values(study) -> list:
     return study.values() if isinstance(study, _OptunaStudy) else [t.value for t in study.trials]
 
 
-def regret_runs(fn_name: str, variant: str, seeds: int, n_trials: int) -> dict:
-    """{budget: [regret per seed]} for one function and sampler."""
+N_STARTUP = 10  # GPSampler's default for ours and Optuna's
+
+
+def regret_runs(fn_name: str, variant: str, seeds: int, n_trials: int, starts: dict) -> dict:
+    """{budget: [regret per seed]} for one function and sampler. An "optuna-gp" run records its
+    startup points in ``starts[(fn_name, seed)]``; "gp|optuna-start" replays them."""
     fn, fmin = FUNCTIONS[fn_name]
     out = {b: [] for b in BUDGETS if b <= n_trials}
     for seed in range(seeds):
-        study = _OptunaStudy(seed) if variant == "optuna-gp" else _ours(variant, seed)
+        study = _OptunaStudy(seed) if variant == "optuna-gp" else _ours("gp" if variant == "gp|optuna-start" else variant, seed)
+        if variant == "gp|optuna-start":
+            for params in starts[(fn_name, seed)]:
+                study.enqueue_trial(params)
         study.optimize(fn, n_trials=n_trials)
+        if variant == "optuna-gp":
+            starts[(fn_name, seed)] = study.params()[:N_STARTUP]
         vals = _values(study)
         for b in out:
             out[b].append(min(vals[:b]) - fmin)
     return out
 
 
-def time_per_suggestion(variant: str, n: int) -> float:
-    """Median seconds of one optimize(n_trials=1) call at trials n-5 .. n+4 of a Hartmann6 study."""
+@contextmanager
+def _locked(path: Optional[str]) -> Iterator[None]:
+    """An exclusive flock on ``path`` for the block (nothing without a path)."""
+    if not path:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def time_per_suggestion(variant: str, n: int, lock: Optional[str]) -> float:
+    """Median seconds of one optimize(n_trials=1) call at trials n-5 .. n+4 of a Hartmann6 study
+    (the first n-5 trials, not timed, run outside the lock)."""
     study = _OptunaStudy(0) if variant == "optuna-gp" else _ours("gp", 0)
     study.optimize(hartmann6, n_trials=n - 5)
     samples = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        study.optimize(hartmann6, n_trials=1)
-        samples.append(time.perf_counter() - t0)
+    with _locked(lock):
+        for _ in range(10):
+            t0 = time.perf_counter()
+            study.optimize(hartmann6, n_trials=1)
+            samples.append(time.perf_counter() - t0)
     return statistics.median(samples)
 
 
 def main() -> int:
     parser = common_parser(__doc__)
     parser.add_argument("--seeds", type=int, default=None, help="seeds per case (default 10, --quick 3)")
+    parser.add_argument("--part", choices=("all", "regret", "timing"), default="all", help="which measurements to run")
+    parser.add_argument("--lock", metavar="FILE", default=None, help="flock FILE around the timed suggestions")
     args = parser.parse_args()
     apply_threads(args.threads)
     logging.getLogger("trainpatterns.tuning").setLevel(logging.ERROR)
     seeds = args.seeds or (3 if args.quick else 10)
     n_trials = 50 if args.quick else 100
-    variants = ["random", "gp"] + (["optuna-gp"] if optuna is not None else [])
+    variants = ["random", "gp"] + (["optuna-gp", "gp|optuna-start"] if optuna is not None else [])
+    timed = ["gp"] + (["optuna-gp"] if optuna is not None else [])
     env = environment()
     print(f"tuning benchmark: {seeds} seeds, up to {n_trials} trials; optuna "
           f"{optuna.__version__ if optuna else 'not installed (reference: ANCHORS figures)'}; "
           f"torch threads {env['threads']}, {env['cpus']} CPUs ({env['cpu']})")
     results: dict = {}
+    starts: dict = {}
     t_start = time.perf_counter()
-    for fn_name in FUNCTIONS:
+    for fn_name in FUNCTIONS if args.part != "timing" else ():
         for v in variants:
             t0 = time.perf_counter()
-            results[(fn_name, v)] = regret_runs(fn_name, v, seeds, n_trials)
+            results[(fn_name, v)] = regret_runs(fn_name, v, seeds, n_trials, starts)
             print(f"  ran {fn_name:<9} {v:<9} in {time.perf_counter() - t0:7.1f}s", flush=True)
-    print()
-    head = f"{'function':<10} {'trials':>6}  " + "  ".join(f"{v:>22}" for v in variants)
-    print("median simple regret over seeds [min, max]")
-    print(head)
-    print("-" * len(head))
-    for fn_name in FUNCTIONS:
+    if results:
+        head = f"{'function':<10} {'trials':>6}  " + "  ".join(f"{v:>22}" for v in variants)
+        print("\nmedian simple regret over seeds [min, max]")
+        print(head)
+        print("-" * len(head))
+    for fn_name in FUNCTIONS if results else ():
         for b in BUDGETS:
             if b > n_trials:
                 continue
@@ -150,19 +192,20 @@ def main() -> int:
                 r = results[(fn_name, v)][b]
                 cells.append(f"{statistics.median(r):9.2e} [{min(r):.0e},{max(r):.0e}]")
             print(f"{fn_name:<10} {b:>6}  " + "  ".join(f"{c:>22}" for c in cells))
-    sizes = (100,) if args.quick else (100, 300)
+    sizes = () if args.part == "regret" else (100,) if args.quick else (100, 300)
     timing = {}
     for n in sizes:
-        for v in [v for v in variants if v != "random"]:
-            timing[(v, n)] = time_per_suggestion(v, n)
-    print("\ntime per suggestion (Hartmann6, median of 10 trials around n)")
+        for v in timed:
+            timing[(v, n)] = time_per_suggestion(v, n, args.lock)
+    if timing:
+        print("\ntime per suggestion (Hartmann6, median of 10 trials around n)")
     for n in sizes:
-        line = f"  n={n:<4}" + "".join(f"  {v}: {timing[(v, n)] * 1e3:8.1f} ms" for v in variants if v != "random")
+        line = f"  n={n:<4}" + "".join(f"  {v}: {timing[(v, n)] * 1e3:8.1f} ms" for v in timed)
         if ("optuna-gp", n) in timing:
             line += f"  (optuna / ours: {timing[('optuna-gp', n)] / timing[('gp', n)]:.2f}x)"
         print(line)
     targets = []
-    for fn_name in FUNCTIONS:
+    for fn_name in FUNCTIONS if results else ():
         for b in BUDGETS:
             if b > n_trials:
                 continue
@@ -178,8 +221,9 @@ def main() -> int:
             if optuna is not None and (fn_name, b) in ANCHOR_REGRET:
                 targets.append(Target(f"{fn_name}@{b} regret: ANCHORS / ours", ANCHOR_REGRET[(fn_name, b)] / max(ours, 1e-300),
                                       None, "the figure measured earlier for Optuna 5.0"))
-    targets.append(Target("time per suggestion @100: 50 ms / ours", 0.050 / timing[("gp", 100)], 1.0,
-                          f"ours {timing[('gp', 100)] * 1e3:.1f} ms; absolute time, noisy on a shared box"))
+    if ("gp", 100) in timing:
+        targets.append(Target("time per suggestion @100: 50 ms / ours", 0.050 / timing[("gp", 100)], 1.0,
+                              f"ours {timing[('gp', 100)] * 1e3:.1f} ms; absolute time, noisy on a shared box"))
     if ("optuna-gp", 100) in timing:
         targets.append(Target("time per suggestion @100: optuna / ours", timing[("optuna-gp", 100)] / timing[("gp", 100)],
                               None, "same process, one after the other"))

@@ -13,10 +13,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
+import numpy as np
 
 from .base import intersection_search_space
-from .gp import GaussianProcess, _Encoder, torch_threads
+from .gp import GaussianProcess, _Encoder, blas_threads, sobol_points
 from .space import CategoricalDistribution
 from .trial import TrialState
 
@@ -32,29 +32,27 @@ def param_importances(study: Any, *, levels: int = 16, samples: int = 256, seed:
         raise ValueError(f"parameter importance needs >= 2 COMPLETE trials sharing parameters; "
                          f"study {study.study_name!r} has {len(done)} COMPLETE trial(s)")
     enc = _Encoder(space)
-    x = torch.tensor([enc.encode(t.params) for t in done], dtype=torch.float64)
-    y = torch.tensor([t.value for t in done], dtype=torch.float64)
+    x = np.array([enc.encode(t.params) for t in done], dtype=np.float64)
+    y = np.array([t.value for t in done], dtype=np.float64)
     std = float(y.std())
     y = (y - y.mean()) / (std if std > 0 and math.isfinite(std) else 1.0)
-    with torch_threads(1):
+    with blas_threads(1):
         return _main_effects(enc, x, y, levels, samples, seed)
 
 
-def _main_effects(enc: _Encoder, x: torch.Tensor, y: torch.Tensor, levels: int, samples: int, seed: int) -> dict:
+def _main_effects(enc: _Encoder, x: np.ndarray, y: np.ndarray, levels: int, samples: int, seed: int) -> dict:
     gp = GaussianProcess.fit(x, y, deterministic=False, init=None, iterations=100)
-    engine = torch.quasirandom.SobolEngine(len(enc.columns), scramble=True, seed=seed)
-    base_u = engine.draw(samples, dtype=torch.float64)
+    base_u = sobol_points(len(enc.columns), samples, seed)
     variances = {}
-    with torch.no_grad():
-        for j, (name, d, c, w) in enumerate(enc.columns):
-            grid = ([(i + 0.5) / w for i in range(w)] if isinstance(d, CategoricalDistribution)
-                    else [(i + 0.5) / levels for i in range(levels)])
-            means = []
-            for g in grid:
-                u = base_u.clone()
-                u[:, j] = g
-                means.append(float(gp.posterior(enc.from_unit_cube(u))[0].mean()))
-            variances[name] = float(torch.tensor(means).var(unbiased=False))
+    for j, (name, d, c, w) in enumerate(enc.columns):
+        grid = ([(i + 0.5) / w for i in range(w)] if isinstance(d, CategoricalDistribution)
+                else [(i + 0.5) / levels for i in range(levels)])
+        means = []
+        for g in grid:
+            u = base_u.copy()
+            u[:, j] = g
+            means.append(float(gp.posterior(enc.from_unit_cube(u))[0].mean()))
+        variances[name] = float(np.var(means))
     total = sum(variances.values())
     if total <= 0:
         return {name: 1.0 / len(variances) for name in variances}

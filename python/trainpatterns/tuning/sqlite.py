@@ -24,6 +24,7 @@ as a JSON object ``{step: value}``.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -350,12 +351,20 @@ class SQLiteStorage:
         return found[0]
 
 
+@functools.lru_cache(maxsize=256)
+def _distributions(s: str) -> dict:
+    """The distributions of a trial from their stored JSON, cached: a study's trials mostly share
+    one space, and decoding it per trial per read was a third of a GP suggestion's cost at 100
+    trials (distributions are frozen dataclasses, so sharing them is safe)."""
+    return {k: distribution_from_json(v) for k, v in json.loads(s).items()}
+
+
 def _frozen(r: tuple) -> FrozenTrial:
     number, state, value, params, dists, inter, user, system, attempts, t0, t1 = r
     return FrozenTrial(
         number=int(number), state=TrialState[state], value=None if value is None else float(value),
         params=json.loads(params),
-        distributions={k: distribution_from_json(v) for k, v in json.loads(dists).items()},
+        distributions=dict(_distributions(dists)),
         intermediate_values={int(k): (math.nan if v is None else float(v)) for k, v in json.loads(inter).items()},
         user_attrs=json.loads(user), system_attrs=json.loads(system), attempts=int(attempts),
         datetime_start=t0, datetime_complete=t1)
