@@ -203,6 +203,49 @@ def test_copied_gradients_give_way_to_their_slots_during_backward(compress):
     assert alive_at_end == [False, False, False], "a copied-in gradient lived until the end of backward"
 
 
+class _Checkpointed(nn.Module):
+    """Two layers, one of them under activation checkpointing."""
+
+    def __init__(self, where: str, reentrant: bool) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 7), nn.Linear(7, 3)
+        self.where, self.reentrant = where, reentrant
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+        h = checkpoint(self.a, x, use_reentrant=self.reentrant) if self.where == "a" else self.a(x)
+        return checkpoint(self.b, h, use_reentrant=self.reentrant) if self.where == "b" else self.b(h)
+
+
+@pytest.mark.parametrize("where,reentrant", [("a", False), ("b", False), ("a", True)])
+def test_activation_checkpointing_gives_plain_gradients(where, reentrant):
+    # Reentrant checkpointing of the first layer runs its backward nested inside the round the
+    # last layer opened: the round still ends with the outer backward.
+    torch.manual_seed(0)
+    model = _Checkpointed(where, reentrant)
+    plain = copy.deepcopy(model)
+    ddp = SyncDataParallel(model, bucket_mb=1e-5, first_bucket_mb=1e-5)
+    x = torch.randn(4, 5, requires_grad=True)
+    for _ in range(2):
+        ddp.zero_grad()
+        plain.zero_grad()
+        ddp(x).sum().backward()
+        plain(x).sum().backward()
+        for (n, p), q in zip(model.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=n)
+
+
+def test_a_round_ending_inside_a_nested_backward_is_an_error():
+    # Reentrant checkpointing of the last layer: the first gradients come from a nested backward,
+    # whose end would close the round (and step an attached optimizer) before the outer backward
+    # has produced the rest. That must raise, not average half the gradients.
+    model = _Checkpointed("b", reentrant=True)
+    ddp = SyncDataParallel(model, bucket_mb=1e-5, first_bucket_mb=1e-5)
+    x = torch.randn(4, 5, requires_grad=True)
+    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+        ddp(x).sum().backward()
+
+
 def test_bad_arguments_are_clear_errors():
     model = W.make_model("irregular")
     with pytest.raises(ValueError, match="compress must be"):

@@ -139,6 +139,7 @@ class SyncDataParallel(nn.Module):
         self._sync = True
         self._sync_backward = True  # what the last forward decided
         self._round_open = False  # a backward with synchronisation is in progress
+        self._last_round_task = -1  # autograd graph-task id of the last round (nested backward check)
         self._next_launch = 0
         self._optimizer = None
         if optimizer is not None:
@@ -302,6 +303,18 @@ class SyncDataParallel(nn.Module):
             self._next_launch += 1
 
     def _open_round(self) -> None:
+        # Graph-task ids grow as backward passes start, so a round opening in a task older than the
+        # last round's was running around it: the last round was a nested backward (reentrant
+        # activation checkpointing) and ended, all-reduced and (with optimizer=) stepped while the
+        # enclosing backward still had gradients to produce.
+        task = torch._C._current_graph_task_id() if hasattr(torch._C, "_current_graph_task_id") else -1
+        if 0 <= task < self._last_round_task:
+            self._last_round_task = -1
+            raise RuntimeError(
+                "SyncDataParallel: a backward ran inside another backward (reentrant activation checkpointing, "
+                "torch.utils.checkpoint(..., use_reentrant=True)); the gradient average would end with the inner "
+                "backward, before the outer one has produced its gradients. Use use_reentrant=False")
+        self._last_round_task = task
         self._round_open = True
         self._next_launch = 0
         for b in self._buckets:
