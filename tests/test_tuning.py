@@ -14,7 +14,7 @@ import torch
 from trainpatterns.tuning import (ASHAPruner, CategoricalDistribution, FloatDistribution, GPSampler, GridSampler,
                                   IntDistribution, RandomSampler, TrialPruned, TrialState, create_study, load_study,
                                   param_importances)
-from trainpatterns.tuning.gp import GaussianProcess, _Encoder, _log_h
+from trainpatterns.tuning.gp import GaussianProcess, _Encoder, _log_h, warp_outputs
 
 BRANIN_MIN = 0.397887357729738
 
@@ -216,11 +216,19 @@ def test_fit_reaches_a_stationary_point_of_the_log_posterior():
     assert float(_ref_neg_log_posterior(raw.detach(), x, y, False)) < float(default)
 
 
-def test_posterior_and_log_ei_gradient_match_references():
+@pytest.mark.parametrize("prior", ["zero", "bowl"])
+def test_posterior_and_log_ei_gradient_match_references(prior):
+    # "bowl": the quadratic prior mean c + b sum_d (x_d - 1/2)^2 over columns 0, 1, 3 (column 2 plays
+    # a categorical's part), on data that rise towards the faces so that b > 0.
     g = torch.Generator().manual_seed(2)
     x = torch.rand(23, 4, generator=g, dtype=torch.float64)
     y = torch.randn(23, generator=g, dtype=torch.float64)
-    gp = GaussianProcess.fit(x.numpy(), y.numpy(), deterministic=False, init=None, iterations=30)
+    cols = torch.tensor([True, True, False, True])
+    if prior == "bowl":
+        y = 0.3 * y + 6.0 * ((x[:, cols] - 0.5) ** 2).sum(1)
+        y = (y - y.mean()) / y.std()
+    gp = GaussianProcess.fit(x.numpy(), y.numpy(), deterministic=False, init=None, iterations=30,
+                             mean_columns=None if prior == "zero" else cols.numpy())
     xs = torch.rand(9, 4, generator=g, dtype=torch.float64)
     a = torch.from_numpy(gp.inv_sq_ls)
 
@@ -232,15 +240,33 @@ def test_posterior_and_log_ei_gradient_match_references():
 
     kxx = k(x, x) + gp.noise * torch.eye(23, dtype=torch.float64)
 
+    # Reference prior mean: generalised least squares by dense solves, beta = (H' K^-1 H)^-1 H' K^-1 y.
+    def basis(p):
+        return torch.stack([torch.ones(len(p), dtype=torch.float64), ((p[:, cols] - 0.5) ** 2).sum(1)], 1)
+
+    if prior == "zero":
+        beta = torch.zeros(2, dtype=torch.float64)
+    else:
+        h = basis(x)
+        beta = torch.linalg.solve(h.T @ torch.linalg.solve(kxx, h), h.T @ torch.linalg.solve(kxx, y))
+        assert float(beta[1]) > 0
+    assert np.allclose(gp.mean_coef, beta.numpy(), rtol=1e-8, atol=1e-10)
+
     def posterior(p):
         ks = k(p, x)
-        return ks @ torch.linalg.solve(kxx, y), (gp.signal - (ks * torch.linalg.solve(kxx, ks.T).T).sum(1)).clamp_min(1e-12)
+        resid = y - basis(x) @ beta
+        return (basis(p) @ beta + ks @ torch.linalg.solve(kxx, resid),
+                (gp.signal - (ks * torch.linalg.solve(kxx, ks.T).T).sum(1)).clamp_min(1e-12))
 
     mean_ref, var_ref = posterior(xs)
     mean, var = gp.posterior(xs.numpy())
     assert torch.allclose(torch.from_numpy(mean), mean_ref, rtol=1e-8, atol=1e-10)
     assert torch.allclose(torch.from_numpy(var), var_ref, rtol=1e-6, atol=1e-10)
-    for best in (float(y.min()), float(y.min()) - 4.0, -40.0):
+    # Thresholds from near the data to far below it (the bowl's smooth data leave little variance, so
+    # its far threshold is a few posterior standard deviations below the lowest mean, not -40).
+    far = float(mean_ref.min() - 3 * var_ref.max().sqrt())
+    for best in ((float(y.min()), float(y.min()) - 4.0, -40.0) if prior == "zero"
+                 else (float(y.min()), float(mean_ref.min()), far)):
         xr = xs.clone().requires_grad_(True)
         m, v = posterior(xr)
         sigma = v.sqrt()
@@ -255,6 +281,58 @@ def test_posterior_and_log_ei_gradient_match_references():
         assert torch.allclose(torch.from_numpy(value)[ok], ref.detach()[ok], rtol=1e-7, atol=1e-9)
         assert torch.allclose(torch.from_numpy(grad)[ok], xr.grad[ok], rtol=1e-5,
                               atol=1e-8 * float(xr.grad[ok].abs().max()))
+
+
+def test_prior_mean_without_a_rising_bowl_is_the_gls_constant_and_fantasies_keep_it():
+    # Data that fall towards the faces: a negative curvature is not used (b = 0), and c is the GLS
+    # constant 1' K^-1 y / 1' K^-1 1 (dense reference). Fantasies keep (c, b) rather than re-estimating.
+    rng = np.random.default_rng(4)
+    x = rng.random((19, 3))
+    y = -4.0 * ((x - 0.5) ** 2).sum(1) + 0.1 * rng.standard_normal(19)
+    gp = GaussianProcess.fit(x, y, deterministic=True, mean_columns=np.ones(3, dtype=bool))
+    d2 = (((x[:, None] - x[None]) ** 2) * gp.inv_sq_ls).sum(-1)
+    r = np.sqrt(d2)
+    kxx = gp.signal * (1 + math.sqrt(5) * r + 5 / 3 * d2) * np.exp(-math.sqrt(5) * r) + gp.noise * np.eye(19)
+    kinv_y, kinv_1 = np.linalg.solve(kxx, y), np.linalg.solve(kxx, np.ones(19))
+    c_ref = float(kinv_y.sum() / kinv_1.sum())
+    assert gp.mean_coef[1] == 0.0
+    assert gp.mean_coef[0] == pytest.approx(c_ref, rel=1e-8)
+    fantasy = gp.condition_on(rng.random((2, 3)), np.array([5.0, 5.0]))
+    assert fantasy.mean_coef == gp.mean_coef
+
+
+def test_warp_outputs_is_a_monotone_yeo_johnson_fit():
+    # Reference: scipy's own Yeo-Johnson (lambda by maximum likelihood) of the standardised values,
+    # standardised again. The warp keeps the order and makes a skewed sample far less skewed.
+    import scipy.stats
+
+    rng = np.random.default_rng(0)
+    for y in (-np.exp(2.0 * rng.standard_normal(41)), np.exp(rng.standard_normal(17)) + 3.0, rng.standard_normal(10)):
+        z = (y - y.mean()) / y.std()
+        t, lam = scipy.stats.yeojohnson(z)
+        assert abs(lam) < 5.0  # inside the clip, so the reference applies as is
+        ref = (t - t.mean()) / t.std()
+        w = warp_outputs(y)
+        assert np.allclose(w, ref, rtol=1e-5, atol=1e-6)
+        assert np.array_equal(np.argsort(w, kind="stable"), np.argsort(y, kind="stable"))
+        assert abs(scipy.stats.skew(w)) <= abs(scipy.stats.skew(z)) + 1e-9
+    assert np.array_equal(warp_outputs(np.full(5, 3.0)), np.zeros(5))
+    assert warp_outputs(np.array([1.0, 2.0])).shape == (2,)
+
+
+@pytest.mark.parametrize("sobol", [False, True])
+def test_gp_startup_trials_are_the_random_samplers(sobol):
+    # The first n_startup_trials of GPSampler(seed) are RandomSampler(seed)'s (i.i.d. by default,
+    # scrambled Sobol with sobol_startup=True); the GP proposes from then on.
+    def params(sampler, n):
+        s = create_study(sampler=sampler)
+        s.optimize(branin, n_trials=n)
+        return [t.params for t in s.trials]
+
+    gp = params(GPSampler(seed=3, n_startup_trials=6, sobol_startup=sobol), 8)
+    assert gp[:6] == params(RandomSampler(seed=3, sobol=sobol), 6)
+    other = params(RandomSampler(seed=3, sobol=not sobol), 6)
+    assert gp[:6] != other
 
 
 @pytest.mark.parametrize("trend", ["wavy", "slope"])
