@@ -26,9 +26,10 @@ and the updates they make go denormal after a few dozen steps, and denormal arit
 slower on Intel cores: on the GPT, a model copy's step time then grows with the number of steps it
 has taken (ours and DDP also take their no_sync steps on the same model, so they take twice as many
 as ours_bf16's copy), which measured 2.5 s against 0.9 s for the same step with flushing, and made
-ours_bf16 look 1.7-1.9x faster than DDP. Flushing applies to every variant alike. Models: a 4-layer 1024-wide MLP, and (not with
---quick) a ~50M-parameter GPT (d=768, 6 layers, vocab 8704, ctx 1024, tied head; --seq tokens per
-sample). A last table times the bucket kernels alone (pack with scale, float32 and bf16 wire) over
+ours_bf16 look 1.7-1.9x faster than DDP. Flushing applies to every variant alike.
+
+Models: a 4-layer 1024-wide MLP, and (not with --quick) a ~50M-parameter GPT (d=768, 6 layers,
+vocab 8704, ctx 1024, tied head; --seq tokens per sample). A last table times the bucket kernels alone (pack with scale, float32 and bf16 wire) over
 the GPT's gradient shapes against a plain copy of the same bytes (the device's copy bandwidth).
 
 Run (2 ranks on this machine, gloo):

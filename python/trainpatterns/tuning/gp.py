@@ -494,8 +494,8 @@ class GPSampler(Sampler):
         if self.warp_outputs:
             y = warp_outputs(y)
         else:
-            std = float(y.std())
-            y = (y - y.mean()) / (std if std > 0 and math.isfinite(std) else 1.0)
+            z = _standardise(y)
+            y = y - y.mean() if z is None else z
         key = tuple((k, repr(d)) for k, d in space.items())
         init = self._warm.get(key)
         gp = GaussianProcess.fit(x, y, deterministic=self.deterministic_objective,
