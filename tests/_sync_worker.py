@@ -98,6 +98,7 @@ def make_optimizer(kind: str, params):
 SCENARIOS = {
     "plain": ("irregular", "adamw", {}, 1),
     "bf16": ("irregular", "sgd", {"compress": "bf16"}, 1),
+    "bf16_collective": ("irregular", "sgd", {"compress": "bf16", "p2p_ring": False}, 1),
     "fp16": ("irregular", "sgd", {"compress": "fp16"}, 1),
     "no_sync": ("irregular", "adamw", {}, 3),
     "buckets": ("tiny", "sgd_small", {"bucket_mb": 0.0001, "first_bucket_mb": 0.0001}, 1),
@@ -151,7 +152,7 @@ def run_scenario(scenario: str, rank: int) -> dict:
             opt.step()
     grads = {n: (None if p.grad is None else p.grad.detach().clone()) for n, p in model.named_parameters()}
     return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "grads": grads,
-            "buckets": ddp.bucket_params}
+            "buckets": ddp.bucket_params, "ring": ddp._ring is not None}
 
 
 class _nothing:
@@ -200,7 +201,8 @@ def run_trainer(rank: int, outdir: str) -> dict:
 def fail(rank: int, how: str) -> dict:
     """Rank 1 exits ("die") or hangs ("stall") inside its second backward, after launching some
     buckets; rank 0 must raise a clear error, at once for a dead peer, within the timeout for a
-    silent one."""
+    silent one. With a "_bf16" suffix the buckets go through the ring (ring.py) instead of gloo's
+    all-reduce."""
     import datetime
 
     import torch.distributed as dist
@@ -211,12 +213,13 @@ def fail(rank: int, how: str) -> dict:
     seconds = float(os.environ.get("TP_TEST_GROUP_TIMEOUT", "3"))
     group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=seconds))
     model = make_model("irregular")
-    ddp = SyncDataParallel(model, bucket_mb=0.002, process_group=group)
+    ddp = SyncDataParallel(model, bucket_mb=0.002, process_group=group,
+                           compress="bf16" if how.endswith("_bf16") else None)
     rows = slice(rank * BATCH, (rank + 1) * BATCH)
 
     def misbehave(p):
         if step == 1:
-            if how == "die":
+            if how.startswith("die"):
                 os._exit(3)
             time.sleep(120)
 
@@ -232,6 +235,9 @@ def fail(rank: int, how: str) -> dict:
     return {"error": None, "seconds": time.monotonic() - t0}
 
 
+FAILURES = ("die", "stall", "die_bf16", "stall_bf16")
+
+
 def main() -> None:
     scenario, outdir = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
@@ -239,7 +245,7 @@ def main() -> None:
 
     info = init_from_env(timeout=60.0)
     assert info.world_size == WORLD and info.backend == "gloo", info
-    if scenario in ("die", "stall"):
+    if scenario in FAILURES:
         out = fail(info.rank, scenario)
     elif scenario == "trainer":
         out = run_trainer(info.rank, outdir)

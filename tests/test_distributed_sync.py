@@ -252,6 +252,8 @@ def test_bad_arguments_are_clear_errors():
         SyncDataParallel(model, compress="int8")
     with pytest.raises(ValueError, match="bucket_mb"):
         SyncDataParallel(model, bucket_mb=0)
+    with pytest.raises(ValueError, match="p2p_ring must be"):
+        SyncDataParallel(model, compress="bf16", p2p_ring="yes")
     with pytest.raises(TypeError, match="fused optimizer"):
         SyncDataParallel(model, optimizer=torch.optim.AdamW(model.parameters()))
     with pytest.raises(ValueError, match="does not hold parameter 'out.bias'"):
@@ -260,6 +262,35 @@ def test_bad_arguments_are_clear_errors():
     model.frozen.weight.requires_grad_(True)
     with pytest.raises(RuntimeError, match="'frozen.weight' was frozen"):
         ddp(torch.randn(2, 13), False)
+
+
+# ----- the ring all-reduce on 2 and 3 gloo processes ----------------------------------------------
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_all_reduce_against_the_exact_sum(world, tmp_path):
+    # tests/_ring_worker.py: odd and empty sizes, 16-bit and float32; it asserts that every rank ends
+    # with the same bits, within one 16-bit rounding per addition of the float64 sum, and on 2 ranks
+    # with the bits of gloo's all-reduce; then that a tensor it cannot take is a clear error.
+    pkg_root = str(Path(tp.__file__).resolve().parent.parent)
+    worker = Path(__file__).with_name("_ring_worker.py")
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, str(worker), str(tmp_path)], env=dict(
+        os.environ, RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([pkg_root, os.environ.get("PYTHONPATH", "")])))
+        for r in range(world)]
+    try:
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert codes == [0] * world, f"ring workers' return codes {codes}"
+    for r in range(world):
+        res = torch.load(tmp_path / f"ring_rank{r}.pt")
+        assert res["checked"] == 30 and res["max_rel_err"]["bf16"] > 0  # 10 sizes x 3 dtypes; rounded
+        assert "contiguous CPU tensors" in res["bad_input"]
 
 
 # ----- SyncDataParallel on 2 gloo processes ---------------------------------------------------
@@ -309,7 +340,7 @@ def runs(tmp_path_factory):
     """All multi-process runs at once: the training scenarios on one pair, the Trainer on another,
     and a pair each where rank 1 dies or stalls mid-backward."""
     tmp = tmp_path_factory.mktemp("sync")
-    codes = _run_pairs(["all", "trainer", "die", "stall"], tmp, timeout_s=150)
+    codes = _run_pairs(["all", "trainer", *W.FAILURES], tmp, timeout_s=150)
     return tmp, codes
 
 
@@ -350,6 +381,17 @@ def test_compressed_all_reduce_is_close(two_ranks, scenario, eps):
 
 
 @pytest.mark.timeout(180)
+def test_ring_gives_the_bits_of_gloos_all_reduce_on_two_ranks(two_ranks):
+    # compress="bf16" on CPU/gloo sums through our ring; on 2 ranks each element is round(a + b)
+    # there as in gloo's all-reduce, so training must end bitwise equal to the dist.all_reduce path.
+    for r in range(W.WORLD):
+        ring, coll = two_ranks[r]["bf16"], two_ranks[r]["bf16_collective"]
+        assert ring["ring"] and not coll["ring"] and not two_ranks[r]["plain"]["ring"]
+        for n in coll["params"]:
+            assert torch.equal(ring["params"][n], coll["params"][n]), n
+
+
+@pytest.mark.timeout(180)
 def test_unused_and_frozen_parameters(two_ranks):
     ref = W.reference("plain")
     for r in range(W.WORLD):
@@ -381,7 +423,8 @@ def test_bucket_layout_edge_cases(two_ranks):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("how,limit_s", [("die", 15.0), ("stall", 3.0 + 15.0)])
+@pytest.mark.parametrize("how,limit_s", [("die", 15.0), ("stall", 3.0 + 15.0), ("die_bf16", 15.0),
+                                         ("stall_bf16", 3.0 + 15.0)])
 def test_a_failed_rank_makes_the_other_raise_in_time(runs, how, limit_s):
     # "die": rank 1 exits mid-backward (the connection drops: rank 0 fails at once). "stall": rank 1
     # hangs; rank 0 gives up after its group's 3 s collective timeout. Rank 1 is killed once rank 0

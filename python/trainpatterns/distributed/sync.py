@@ -15,9 +15,11 @@ parameters stay identical. How (the design of torch DDP, with fused native bucke
   1/world_size and, with ``compress``, casts it to bfloat16/float16; a gradient that was copied in
   is replaced by its slot right away (so its memory is reused by the rest of backward instead of
   being returned to the OS and faulted back in next step); then an asynchronous ``all_reduce``
-  starts while backward goes on. At the end of backward (a queued autograd callback)
-  the remaining buckets are launched, each is waited for in order, unpacked (cast back) and, with
-  ``optimizer=``, that bucket's parameters are stepped while later buckets are still in flight.
+  starts while backward goes on. A 16-bit wire on CPU/gloo goes through our ring of point-to-point
+  sends instead (``ring.py``), because gloo's own 16-bit all-reduce is slow. At the end of backward
+  (a queued autograd callback) the remaining buckets are launched, each is waited for in order,
+  unpacked (cast back) and, with ``optimizer=``, that bucket's parameters are stepped while later
+  buckets are still in flight.
 * Each bucket also carries one "has a gradient" flag per parameter, so a parameter that got no
   gradient on a rank counts as zeros there, and one that got none on any rank keeps ``.grad = None``
   (exactly what a single process on the whole batch would see). No extra collective is needed.
@@ -39,6 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import _kernels
+from .ring import ring_for
 
 __all__ = ["SyncDataParallel"]
 
@@ -91,6 +94,11 @@ class SyncDataParallel(nn.Module):
             also steps it, bucket by bucket, as soon as each bucket's all-reduce completes (the
             update overlaps the remaining communication): do not call ``optimizer.step()`` yourself.
             Not with ``max_grad_norm`` (it needs every gradient first).
+        p2p_ring: how a compressed bucket is summed. ``True``: a ring of point-to-point sends
+            on a background thread (``distributed/ring.py``). ``False``: ``dist.all_reduce``.
+            ``None`` (the default): the ring on CPU over gloo, where gloo's own 16-bit all-reduce
+            is slow (scalar sums, small transfers), and ``dist.all_reduce`` elsewhere (NCCL sums
+            16-bit values natively). Without ``compress`` the wire is always ``dist.all_reduce``.
 
     Without an initialised process group (a single process) nothing is communicated but the
     behaviour is the same (``optimizer=`` and the ``compress`` rounding included), so one script runs
@@ -99,7 +107,8 @@ class SyncDataParallel(nn.Module):
 
     def __init__(self, module: nn.Module, bucket_mb: float = 25, compress: Optional[str] = None, *,
                  process_group: Optional[dist.ProcessGroup] = None, first_bucket_mb: float = 1.0,
-                 broadcast_buffers: bool = True, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+                 broadcast_buffers: bool = True, optimizer: Optional[torch.optim.Optimizer] = None,
+                 p2p_ring: Optional[bool] = None) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"SyncDataParallel wraps an nn.Module, got {type(module).__name__}")
@@ -133,6 +142,7 @@ class SyncDataParallel(nn.Module):
             if p.layout is not torch.strided:
                 raise TypeError(f"parameter {n!r}: layout {p.layout} is not supported (dense parameters only)")
 
+        self._ring = self._pick_ring(p2p_ring, devices)
         self._check_same_model(named)
         self._broadcast([p.detach() for _, p in named] + list(module.buffers()))
         self._buckets = self._make_buckets(trainable)
@@ -222,6 +232,20 @@ class SyncDataParallel(nn.Module):
             unpack_table = _kernels.make_bucket_table([flat.numel()], [0], dtype, device, [flat])
         return _Bucket(index, params, names, flat, wire, views, flags, pack_table, unpack_table,
                        [False] * n, 0, [False] * n)
+
+    def _pick_ring(self, p2p_ring: Optional[bool], devices: set):
+        """The ring that sums compressed buckets, or None for ``dist.all_reduce`` (see ``p2p_ring``)."""
+        if p2p_ring not in (None, True, False):
+            raise ValueError(f"p2p_ring must be None, True or False, got {p2p_ring!r}")
+        on_cpu = all(d.type == "cpu" for d in devices)
+        if p2p_ring and not on_cpu:
+            raise ValueError("p2p_ring=True needs the module on the CPU (on a GPU, NCCL's all-reduce sums 16-bit "
+                             "values natively)")
+        if p2p_ring is None:
+            p2p_ring = on_cpu and self._distributed and "gloo" in str(dist.get_backend(self._group))
+        if not p2p_ring or self.compress is None or not self._distributed or self.world_size == 1:
+            return None
+        return ring_for(self._group)
 
     def _attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         from ..optim import _FusedOptimizer
@@ -352,7 +376,10 @@ class SyncDataParallel(nn.Module):
                 p.grad = view
         if self._distributed:
             try:
-                b.work = dist.all_reduce(b.wire, group=self._group, async_op=True)
+                if self._ring is not None:
+                    b.work = self._ring.submit(b.wire)
+                else:
+                    b.work = dist.all_reduce(b.wire, group=self._group, async_op=True)
             except Exception as e:
                 raise self._comm_error(b, e) from e
 
