@@ -14,11 +14,19 @@ Variants (same bucket layout, same optimizer: trainpatterns FusedAdamW, same ini
                   read from it (torch 2.13: B itself when bucket_cap_mb is given, as here; 1 MiB
                   with DDP's default cap), so both split the gradients into the same buckets
   ours_no_sync    ours inside no_sync(): our compute-only step (shares ours' model)
-  ours_bf16       ours with compress="bf16"
+  ours_bf16       ours with compress="bf16" (on CPU/gloo summed by our ring, distributed/ring.py)
+  ours_bf16_gloo  the same with p2p_ring=False: gloo's own bfloat16 all-reduce (CPU only)
   ours_step_overlap  ours with optimizer=...: each bucket stepped once reduced (MLP only)
   allreduce       a plain dist.all_reduce of a float32 buffer as large as all gradients: the link's
-                  limit for the uncompressed bytes (allreduce_bf16: the same count in bfloat16)
+                  limit for the uncompressed bytes (allreduce_bf16: the same count in bfloat16;
+                  ring_bf16: that buffer through our ring)
+  pack_unpack_bf16  the bucket kernels' two casts over that many elements (pack to bf16, unpack back)
 Scaling efficiency = compute-only step / step.
+
+Floor of "ours bf16 / DDP" on CPU: (ours compute-only step + pack_unpack_bf16 + the CPU time, all
+threads of the process, of one ring_bf16) / DDP step. That is the best any bf16 strategy over this
+link can do, as long as the ranks' compute already keeps every core busy (here 2 ranks, one thread
+each, on 2 cores): the communication's CPU work then cannot hide behind compute, only add to it.
 
 Denormals: on CPU the benchmark flushes denormal floats to zero (``torch.set_flush_denormal``; off with
 --keep-denormals). On random tokens many gradients are tiny, their squares in AdamW's second moment
@@ -42,6 +50,8 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import resource
+import statistics
 import sys
 
 import torch
@@ -56,6 +66,7 @@ from _common import (Target, Variant, common_parser, environment, format_table, 
 import trainpatterns as tp  # noqa: E402
 from trainpatterns import _kernels  # noqa: E402
 from trainpatterns.distributed import SyncDataParallel, init_from_env  # noqa: E402
+from trainpatterns.distributed.ring import ring_for  # noqa: E402
 
 
 # ----- models ---------------------------------------------------------------------------------
@@ -137,6 +148,7 @@ def make_trainers(base: nn.Module, loss_fn, batch, bucket_mb: float, device, ful
     sdp = functools.partial(SyncDataParallel, bucket_mb=bucket_mb, first_bucket_mb=ddp_first_bucket_mb(ddp))
     ours_model, bf16_model = fresh(), fresh()
     ours, ours_opt = sdp(ours_model), opt(ours_model)
+    bf16_gloo_model = fresh() if device.type == "cpu" else None
     trainers = {
         "ddp": Trainer("ddp", ddp, ddp_opt, loss_fn, batch),
         "ddp_no_sync": Trainer("ddp_no_sync", ddp, ddp_opt, loss_fn, batch, no_sync=True),
@@ -144,6 +156,9 @@ def make_trainers(base: nn.Module, loss_fn, batch, bucket_mb: float, device, ful
         "ours_no_sync": Trainer("ours_no_sync", ours, ours_opt, loss_fn, batch, no_sync=True),
         "ours_bf16": Trainer("ours_bf16", sdp(bf16_model, compress="bf16"), opt(bf16_model), loss_fn, batch),
     }
+    if bf16_gloo_model is not None:
+        trainers["ours_bf16_gloo"] = Trainer("ours_bf16_gloo", sdp(bf16_gloo_model, compress="bf16", p2p_ring=False),
+                                             opt(bf16_gloo_model), loss_fn, batch)
     if full:
         ddp_view = nn.parallel.DistributedDataParallel(fresh(), device_ids=dev_ids, bucket_cap_mb=bucket_mb,
                                                        gradient_as_bucket_view=True)
@@ -184,19 +199,38 @@ def _timed(fn, device: torch.device):
     return call
 
 
+def _cpu_seconds(fn, into: list):
+    """``fn`` that also appends the CPU time (user + system, every thread of the process) it took."""
+    def call():
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        fn()
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        into.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+    return call
+
+
 def run_case(title: str, base: nn.Module, loss_fn, batch, args, device, rank, world, full: bool = True) -> dict:
     trainers = make_trainers(base, loss_fn, batch, args.bucket_mb, device, full)
     numel = sum(p.numel() for p in base.parameters())
     flat32 = torch.zeros(numel, device=device)
     flat16 = torch.zeros(numel, dtype=torch.bfloat16, device=device)
     timed = functools.partial(_timed, device=device)
+    whole = _kernels.make_bucket_table([numel], [0], torch.float32, device, [flat32])
+    ring_cpu: list = []
 
     barrier = (lambda: dist.barrier()) if world > 1 else None
     variants = [Variant(t.name, timed(t.step), setup=barrier) for t in trainers.values()]
     variants += [Variant("allreduce", timed(lambda: dist.all_reduce(flat32)), setup=barrier,
                          bytes_per_call=numel * 4.0),
                  Variant("allreduce_bf16", timed(lambda: dist.all_reduce(flat16)), setup=barrier,
-                         bytes_per_call=numel * 2.0)]
+                         bytes_per_call=numel * 2.0),
+                 Variant("pack_unpack_bf16", timed(lambda: (_kernels.bucket_pack(whole, flat16, 0.5),
+                                                            _kernels.bucket_unpack(whole, flat16, 1.0))),
+                         bytes_per_call=numel * 12.0)]
+    if device.type == "cpu" and world > 1:
+        ring = ring_for(None)
+        variants.append(Variant("ring_bf16", _cpu_seconds(lambda: ring.submit(flat16).wait(), ring_cpu),
+                                setup=barrier, bytes_per_call=numel * 2.0))
     # One call per sample on every rank (no per-rank calibration): the ranks stay in lockstep.
     results = measure(variants, repeats=args.repeats, warmup=2, min_sample_s=0.0, max_calls=1)
     drift = check_same_result(trainers)
@@ -216,12 +250,24 @@ def run_case(title: str, base: nn.Module, loss_fn, batch, args, device, rank, wo
         if not name.endswith("_no_sync"):
             targets.append(Target(f"{title}: scaling efficiency {name} (compute-only / step)", compute / by[name],
                                   None))
+    if "ours_bf16_gloo" in by:
+        targets.append(Target(f"{title}: ours bf16 with gloo's all-reduce / ours bf16 (ring) step",
+                              by["ours_bf16_gloo"] / by["ours_bf16"], None))
     # Any step, compressed or not, costs at least its compute: when this exceeds 0.85 the bf16 target
     # is out of reach on this machine, whatever the wire.
     targets += [
         Target(f"{title}: ours compute-only / DDP compute-only", by["ours_no_sync"] / compute, None),
         Target(f"{title}: ours compute-only / DDP step (floor of 'ours bf16 / DDP')", by["ours_no_sync"] / by["ddp"],
                None),
+    ]
+    if ring_cpu:
+        ring_s = statistics.median(ring_cpu[-args.repeats:])
+        floor = (by["ours_no_sync"] + by["pack_unpack_bf16"] + ring_s) / by["ddp"]
+        targets += [
+            Target(f"{title}: CPU time of ring_bf16, all threads (ms)", ring_s * 1e3, None),
+            Target(f"{title}: floor of 'ours bf16 / DDP' with the wire's CPU time (see docstring)", floor, None),
+        ]
+    targets += [
         Target(f"{title}: max |ours - DDP| parameter difference after all steps", drift, None,
                "DDP(view) vs ours(optimizer=), same steps" if full else "both also took their no_sync steps"),
     ]

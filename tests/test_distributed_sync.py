@@ -277,16 +277,17 @@ def test_ring_all_reduce_against_the_exact_sum(world, tmp_path):
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, str(worker), str(tmp_path)], env=dict(
         os.environ, RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([pkg_root, os.environ.get("PYTHONPATH", "")])))
-        for r in range(world)]
+        OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([pkg_root, os.environ.get("PYTHONPATH", "")])),
+        stderr=subprocess.PIPE, text=True) for r in range(world)]
     try:
-        codes = [p.wait(timeout=120) for p in procs]
+        errors = [p.communicate(timeout=120)[1] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    assert codes == [0] * world, f"ring workers' return codes {codes}"
+    codes = [p.returncode for p in procs]
+    assert codes == [0] * world, f"ring workers' return codes {codes}, stderr: {errors}"
     for r in range(world):
         res = torch.load(tmp_path / f"ring_rank{r}.pt")
         assert res["checked"] == 30 and res["max_rel_err"]["bf16"] > 0  # 10 sizes x 3 dtypes; rounded

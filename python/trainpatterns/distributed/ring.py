@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from typing import Optional
 
 import torch
@@ -67,7 +68,11 @@ class RingAllReduce:
     """
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None) -> None:
-        self.group = group
+        # Weak references only: a group kept alive here past destroy_process_group would be torn
+        # down during interpreter exit, where gloo's threads abort the process ("terminate called
+        # without an active exception").
+        self._group = None if group is None else weakref.ref(group)
+        self.pg = weakref.ref(group if group is not None else dist.group.WORLD)  # for ring_for
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self._next = dist.get_global_rank(group, (self.rank + 1) % self.world) if group else (self.rank + 1) % self.world
@@ -103,13 +108,22 @@ class RingAllReduce:
                 self._broken = e
                 handle._finish(e)
 
+    @property
+    def group(self) -> Optional[dist.ProcessGroup]:
+        if self._group is None:
+            return None
+        group = self._group()
+        if group is None:
+            raise RuntimeError("RingAllReduce: its process group no longer exists")
+        return group
+
     def _exchange(self, send: torch.Tensor, recv: torch.Tensor) -> None:
         """Send to the next rank and receive from the previous one at once (no rank waits first)."""
-        works = []
+        works, group = [], self.group
         if send.numel():
-            works.append(dist.isend(send, self._next, group=self.group, tag=_TAG))
+            works.append(dist.isend(send, self._next, group=group, tag=_TAG))
         if recv.numel():
-            works.append(dist.irecv(recv, self._prev, group=self.group, tag=_TAG))
+            works.append(dist.irecv(recv, self._prev, group=group, tag=_TAG))
         for w in works:
             w.wait()
 
@@ -136,9 +150,11 @@ _RINGS: dict = {}
 def ring_for(group: Optional[dist.ProcessGroup] = None) -> RingAllReduce:
     """The process's one ring for ``group``. Every wrapper on the group shares it, so all of the
     process's ring traffic on the group goes through one FIFO. That keeps the order the same on
-    every rank: two rings, each with its own thread, could interleave differently on each rank."""
-    key = (id(group), dist.get_world_size(group), dist.get_rank(group))
-    ring = _RINGS.get(key)
-    if ring is None or ring.group is not group:
-        ring = _RINGS[key] = RingAllReduce(group)
+    every rank: two rings, each with its own thread, could interleave differently on each rank.
+    A new group (also a default group made again after ``destroy_process_group``) gets a new ring;
+    a broken one is never handed out for it."""
+    pg = group if group is not None else dist.group.WORLD
+    ring = _RINGS.get(id(pg))
+    if ring is None or ring.pg() is not pg:
+        ring = _RINGS[id(pg)] = RingAllReduce(group)
     return ring

@@ -272,10 +272,16 @@ class SyncDataParallel(nn.Module):
                     raise RuntimeError(f"parameter {name!r} was frozen when the model was wrapped and now requires "
                                        f"grad: its gradient would never be averaged; wrap the model again")
         if self._round_open:
-            # The last backward stopped before its end (an exception): drop its half-done round.
+            # The last backward stopped before its end (an exception): drop its half-done round, once
+            # its all-reduces are over (they still write into the wire buffers this round packs into).
             self._round_open = False
             for b in self._buckets:
-                b.work = None
+                work, b.work = b.work, None
+                if work is not None:
+                    try:
+                        work.wait()
+                    except Exception as e:
+                        raise self._comm_error(b, e) from e
         # As in DDP, the forward decides whether its backward synchronises (no_sync around it or not).
         self._sync_backward = self._sync
         if self.broadcast_buffers and self.training and self._distributed:
@@ -396,21 +402,20 @@ class SyncDataParallel(nn.Module):
 
     def _finish_round(self) -> None:
         """End of backward: launch what is left, in order, then wait, unpack and install the grads."""
-        try:
-            while self._next_launch < len(self._buckets):
-                self._launch(self._buckets[self._next_launch])
-                self._next_launch += 1
-            for b in self._buckets:
-                self._complete(b)
-        finally:
-            self._round_open = False
-            for b in self._buckets:
-                b.work = None
+        # On an exception the round stays open: the next forward waits for the all-reduces still in
+        # flight before anything packs into their buffers again.
+        while self._next_launch < len(self._buckets):
+            self._launch(self._buckets[self._next_launch])
+            self._next_launch += 1
+        for b in self._buckets:
+            self._complete(b)
+        self._round_open = False
 
     def _complete(self, b: _Bucket) -> None:
-        if b.work is not None:
+        work, b.work = b.work, None
+        if work is not None:
             try:
-                b.work.wait()
+                work.wait()
             except Exception as e:
                 raise self._comm_error(b, e) from e
         if b.unpack_table is not None:
