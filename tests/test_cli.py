@@ -153,3 +153,42 @@ def test_plot_without_matplotlib_names_the_extra(tmp_path):
                          capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 2
     assert "trainpatterns[plot]" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.timeout(180)
+def test_train_under_torchrun_trains_one_run_on_two_ranks(tmp_path):
+    # `torchrun --nproc-per-node 2 -m trainpatterns train`: the ranks join over gloo, agree on rank 0's
+    # default run directory (cwd/runs/<task>-<time>), train SyncDataParallel on their shards, rank 0
+    # alone prints and writes config.json, and the checkpoints are the job's (one run, all valid).
+    from trainpatterns.checkpoint import CheckpointManager
+
+    sock = __import__("socket").socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "trainpatterns", "train", *SMALL], cwd=tmp_path, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                 MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                 PYTHONPATH=os.pathsep.join([PYTHON_DIR, os.environ.get("PYTHONPATH", "")]))) for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=150) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    (out0, _), (out1, _) = outs
+    assert "on 2 ranks (SyncDataParallel over gloo" in out0 and "done in" in out0
+    assert out1 == "", "rank 1 printed"
+    runs = os.listdir(tmp_path / "runs")
+    assert len(runs) == 1, runs  # both ranks used rank 0's directory
+    run_dir = tmp_path / "runs" / runs[0]
+    assert json.load(open(run_dir / "config.json"))["steps"] == 40
+    assert [json.loads(ln)["step"] for ln in open(run_dir / "metrics.jsonl")] == [10, 20, 30, 40]
+    assert len([ln for ln in out0.splitlines() if ln.startswith("epoch")]) == 5
+    infos = CheckpointManager(run_dir).list(verify=True)
+    assert all(i.valid for i in infos) and infos[-1].step == 40, infos
+    assert json.load(open(os.path.join(infos[-1].path, "manifest.json")))["world_size"] == 2

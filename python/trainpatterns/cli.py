@@ -212,11 +212,43 @@ def _print_line(text: str) -> None:
     sys.stdout.flush()
 
 
+def _join_torchrun() -> tuple[int, int]:
+    """(rank, world size): under torchrun (WORLD_SIZE > 1) this process joins the job over gloo
+    (the command trains on the CPU); a single process initialises nothing."""
+    from .distributed import init_from_env
+
+    info = init_from_env("gloo")
+    return info.rank, info.world_size
+
+
+def _agree(rank0_value, world: int):
+    """Rank 0's value on every rank (a picklable object; itself in a single process)."""
+    if world == 1:
+        return rank0_value
+    box = [rank0_value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    rank, world = _join_torchrun()
+    try:
+        return _train(args, rank, world)
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(args: argparse.Namespace, rank: int, world: int) -> int:
+    """`trainpatterns train` on one rank of ``world`` (under torchrun every rank runs this, on its
+    shard of the data: the Trainer wraps the model in SyncDataParallel; rank 0 decides the run
+    directory, writes config.json and prints)."""
     from .callbacks import Callback
     from .checkpoint import VirtualEpochs
     from .optim import FusedAdamW
     from .train import Trainer
+
+    say = print if rank == 0 else (lambda *a, **k: None)
 
     saved = None
     if args.resume:
@@ -235,9 +267,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(cfg["seed"])
     job = Job(cfg)
     run_dir = args.run_dir or os.path.join("runs", f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    problem = None
     if not args.resume and os.path.exists(run_dir) and os.listdir(run_dir):
-        raise UsageError(f"run directory {run_dir} is not empty: pass --resume to continue it, or choose another "
-                         f"--run-dir")
+        problem = (f"run directory {run_dir} is not empty: pass --resume to continue it, or choose another "
+                   f"--run-dir")
+    # Rank 0's directory and verdict for all: the ranks' clocks may straddle a second, and rank 1
+    # must not find the directory non-empty because rank 0 has already started writing into it.
+    run_dir, problem = _agree((run_dir, problem), world)
+    if problem is not None:
+        raise UsageError(problem)
     n = job.x.shape[0]
     batch = min(cfg["batch_size"], n)
     checkpoints = min(cfg["checkpoints"], cfg["steps"])
@@ -257,33 +295,36 @@ def _cmd_train(args: argparse.Namespace) -> int:
             if "max_error" in m:
                 line += f"  max err {m['max_error']:.3e}"
             line += f"  {m['samples_per_s']:,.0f} samples/s{'  *best' if m['best'] else ''}"
-            _print_line(line)
+            if rank == 0:
+                _print_line(line)
 
     trainer = Trainer(model, job.loss_fn, opt, (job.x, job.y), val, checkpoint_dir=run_dir, plan=plan,
                       scheduler=sched, callbacks=[PrintEpochs()], interpolation=job.interpolation,
-                      progress=not args.no_progress, seed=cfg["seed"], resume=bool(args.resume),
+                      progress=not args.no_progress and rank == 0, seed=cfg["seed"], resume=bool(args.resume),
                       num_threads=1 if cfg["data"] is None else None)
     if args.resume:
         step = trainer.restore()
         if step is None:
             raise UsageError(f"--resume: {run_dir} holds no usable checkpoint")
         trainer.resume = False  # restored already
-        print(f"resumed {run_dir} at step {step} of {plan.total_steps}")
+        say(f"resumed {run_dir} at step {step} of {plan.total_steps}")
     else:
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
+        if rank == 0:
+            with open(os.path.join(run_dir, "config.json"), "w") as f:
+                json.dump(cfg, f, indent=2)
         kind = f"{job.classes}-class classification" if job.classes else "regression"
         mode = ", interpolation mode" if job.interpolation else ""
-        print(f"training a {sum(p.numel() for p in model.parameters())}-parameter MLP on {job.name} "
-              f"({n} examples, {kind}{mode}; {plan.total_steps} steps in {plan.num_epochs} virtual epochs, "
-              f"FusedAdamW) -> {run_dir}")
+        ranks = f" on {world} ranks (SyncDataParallel over gloo, each on its shard)" if world > 1 else ""
+        say(f"training a {sum(p.numel() for p in model.parameters())}-parameter MLP on {job.name} "
+            f"({n} examples, {kind}{mode}; {plan.total_steps} steps in {plan.num_epochs} virtual epochs, "
+            f"FusedAdamW){ranks} -> {run_dir}")
         with torch.no_grad():
             init = trainer.evaluate((job.x, job.y))
-        print(f"epoch   0/{plan.num_epochs}  step      0  train {job.loss_name} {init:.3e}")
+        say(f"epoch   0/{plan.num_epochs}  step      0  train {job.loss_name} {init:.3e}")
     start = time.perf_counter()
     trainer.fit()
     best = trainer.best or {}
-    print(f"done in {time.perf_counter() - start:.1f}s; best {trainer.metric} {best.get(trainer.metric, float('nan')):.3e} "
+    say(f"done in {time.perf_counter() - start:.1f}s; best {trainer.metric} {best.get(trainer.metric, float('nan')):.3e} "
           f"at virtual epoch {best.get('epoch')}; plot: trainpatterns plot {run_dir}")
     return 0
 
