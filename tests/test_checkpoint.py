@@ -14,7 +14,6 @@ import math
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ import torch
 import trainpatterns as tp
 from trainpatterns.checkpoint import CheckpointError, CheckpointManager, VirtualEpochs, load_weights
 from trainpatterns.checkpoint import _format, manager as manager_mod
+
+from _ranks import run_ranks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_checkpoint_worker.py")
@@ -678,26 +679,11 @@ def test_exact_resume_after_sigkill_is_bitwise_equal(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_distributed_two_ranks_save_and_restore_the_same_step(tmp_path):
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=PYTHON_DIR, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, WORKER, "dist", str(r), "2", str(port), str(tmp_path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    try:
-        outs = [p.communicate(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, (o, e) in zip(procs, outs):
-        assert p.returncode == 0, e
+    res = run_ranks([WORKER, "dist", "{rank}", "2", "{port}", str(tmp_path)], world=2, timeout_s=120,
+                    torchrun_env=False)
+    for code, _, err in res:
+        assert code == 0, err
     res = [json.load(open(tmp_path / f"result_{r}.json")) for r in range(2)]
     expected_files = ["manifest.json", "model.safetensors", "opt.safetensors", "rank_00000.json",
                       "rank_00000.safetensors", "rank_00001.json", "rank_00001.safetensors", "state.json"]

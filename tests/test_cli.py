@@ -13,6 +13,8 @@ import torch
 
 from trainpatterns import cli
 
+from _ranks import run_ranks
+
 PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__)))
 
 
@@ -162,24 +164,9 @@ def test_train_under_torchrun_trains_one_run_on_two_ranks(tmp_path):
     # alone prints and writes config.json, and the checkpoints are the job's (one run, all valid).
     from trainpatterns.checkpoint import CheckpointManager
 
-    sock = __import__("socket").socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "trainpatterns", "train", *SMALL], cwd=tmp_path, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                 MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                 PYTHONPATH=os.pathsep.join([PYTHON_DIR, os.environ.get("PYTHONPATH", "")]))) for r in range(2)]
-    try:
-        outs = [p.communicate(timeout=150) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert [p.returncode for p in procs] == [0, 0], outs
+    res = run_ranks(["-m", "trainpatterns", "train", *SMALL], world=2, timeout_s=150, cwd=str(tmp_path))
+    assert [r[0] for r in res] == [0, 0], res
+    outs = [(r[1], r[2]) for r in res]
     (out0, _), (out1, _) = outs
     assert "on 2 ranks (SyncDataParallel over gloo" in out0 and "done in" in out0
     assert out1 == "", "rank 1 printed"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from trainpatterns.distributed import DistInfo, SyncDataParallel, init_from_env
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _sync_worker as W  # noqa: E402
+from _ranks import free_port, run_ranks  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and _kernels.cuda_compiled() else [])
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -272,22 +272,9 @@ def test_ring_all_reduce_against_the_exact_sum(world, tmp_path):
     # tests/_ring_worker.py: odd and empty sizes, 16-bit and float32; it asserts that every rank ends
     # with the same bits, within one 16-bit rounding per addition of the float64 sum, and on 2 ranks
     # with the bits of gloo's all-reduce; then that a tensor it cannot take is a clear error.
-    pkg_root = str(Path(tp.__file__).resolve().parent.parent)
     worker = Path(__file__).with_name("_ring_worker.py")
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(worker), str(tmp_path)], env=dict(
-        os.environ, RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([pkg_root, os.environ.get("PYTHONPATH", "")])),
-        stderr=subprocess.PIPE, text=True) for r in range(world)]
-    try:
-        errors = [p.communicate(timeout=120)[1] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    codes = [p.returncode for p in procs]
-    assert codes == [0] * world, f"ring workers' return codes {codes}, stderr: {errors}"
+    res = run_ranks([str(worker), str(tmp_path)], world=world, timeout_s=120)
+    assert [r[0] for r in res] == [0] * world, f"ring workers' return codes and stderr: {[(r[0], r[2]) for r in res]}"
     for r in range(world):
         res = torch.load(tmp_path / f"ring_rank{r}.pt")
         assert res["checked"] == 30 and res["max_rel_err"]["bf16"] > 0  # 10 sizes x 3 dtypes; rounded
@@ -295,12 +282,6 @@ def test_ring_all_reduce_against_the_exact_sum(world, tmp_path):
 
 
 # ----- SyncDataParallel on 2 gloo processes ---------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _run_pairs(scenarios: list, tmp: Path, timeout_s: float) -> dict:
     """Start 2 ranks of the worker per scenario, all at once, and wait for rank 0 of each (and for
@@ -311,7 +292,7 @@ def _run_pairs(scenarios: list, tmp: Path, timeout_s: float) -> dict:
     t0 = time.monotonic()
     try:
         for scenario in scenarios:
-            port = _free_port()
+            port = free_port()
             for rank in range(W.WORLD):
                 env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(W.WORLD), LOCAL_RANK=str(rank),
                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",

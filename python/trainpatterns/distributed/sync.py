@@ -276,12 +276,7 @@ class SyncDataParallel(nn.Module):
             # its all-reduces are over (they still write into the wire buffers this round packs into).
             self._round_open = False
             for b in self._buckets:
-                work, b.work = b.work, None
-                if work is not None:
-                    try:
-                        work.wait()
-                    except Exception as e:
-                        raise self._comm_error(b, e) from e
+                self._wait(b)
         # As in DDP, the forward decides whether its backward synchronises (no_sync around it or not).
         self._sync_backward = self._sync
         if self.broadcast_buffers and self.training and self._distributed:
@@ -411,13 +406,17 @@ class SyncDataParallel(nn.Module):
             self._complete(b)
         self._round_open = False
 
-    def _complete(self, b: _Bucket) -> None:
+    def _wait(self, b: _Bucket) -> None:
+        """Wait for bucket b's all-reduce, if one is in flight (it is forgotten either way)."""
         work, b.work = b.work, None
         if work is not None:
             try:
                 work.wait()
             except Exception as e:
                 raise self._comm_error(b, e) from e
+
+    def _complete(self, b: _Bucket) -> None:
+        self._wait(b)
         if b.unpack_table is not None:
             _kernels.bucket_unpack(b.unpack_table, b.wire, 1.0)
         if all(b.had_grad):
