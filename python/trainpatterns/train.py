@@ -17,8 +17,8 @@ batches the uninterrupted one would have seen. With an arbitrary iterable the lo
 Distributed (torchrun): when ``torch.distributed`` is initialised with more than one process, the
 model is wrapped in ``trainpatterns.distributed.SyncDataParallel`` (gradients averaged by bucketed
 all-reduce; frozen parameters are not communicated), each rank reads its own contiguous shard of
-array data, and only rank 0 shows progress and writes ``metrics.jsonl`` (the CheckpointManager
-coordinates the ranks' saves).
+array data, ``train_loss`` is the mean over every rank's steps, and only rank 0 shows progress
+and writes ``metrics.jsonl`` (the CheckpointManager coordinates the ranks' saves).
 """
 from __future__ import annotations
 
@@ -360,7 +360,7 @@ class Trainer:
                 if count == 0:
                     continue
                 elapsed = time.perf_counter() - t0
-                metrics = self._epoch_metrics(vepoch.index, float(total) / count, rows, elapsed)
+                metrics = self._epoch_metrics(vepoch.index, self._mean_over_ranks(total, count), rows, elapsed)
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, vepoch.index, metrics)
                 self.history.append(metrics)
@@ -379,6 +379,16 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_fit_end(self)
         return self.history
+
+    def _mean_over_ranks(self, total: torch.Tensor, count: int) -> float:
+        """The virtual epoch's mean training loss over every rank's steps: the same number on every
+        rank, so that callbacks and the best-checkpoint choice decide alike everywhere."""
+        if self.world == 1:
+            return float(total) / count
+        both = torch.stack([torch.as_tensor(total, dtype=torch.float64, device=self.device).reshape(()),
+                            torch.tensor(float(count), dtype=torch.float64, device=self.device)])
+        torch.distributed.all_reduce(both)
+        return float(both[0]) / float(both[1])
 
     def _epoch_metrics(self, index: int, train_loss: float, rows: int, elapsed: float) -> dict:
         metrics = {"epoch": index + 1, "step": self.step, "train_loss": train_loss}
