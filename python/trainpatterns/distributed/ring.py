@@ -3,8 +3,9 @@
 Why: with ``compress`` on CPU/gloo, gloo's own all-reduce of a bfloat16/float16 tensor realises
 little of the halved bytes. It sums 16-bit values one element at a time (``gloo::sum<BFloat16>``),
 and its segmented ring makes many small transfers. On 2 ranks over loopback a bf16 all-reduce took
-0.70-0.77x the time of the float32 one. The same bytes moved as a few large ``isend``/``irecv`` per
-step, summed by torch's vectorised add, took 0.55-0.7x (RESULTS.md, "ring").
+0.76-0.87x the time of the float32 one. The same bytes moved as one large ``isend``/``irecv`` per
+step, summed by torch's vectorised add, took 0.62-0.84x, and 0.76-0.89x of gloo's bf16 time at
+30-50M elements (bench/RESULTS.md, "the ring for 16-bit wires").
 
 Algorithm (the classic ring of Patarasuk and Yuan; every rank runs the same steps):
 * The buffer is cut into ``world`` chunks.
@@ -55,9 +56,6 @@ class _Handle:
         if self._error is not None:
             raise RuntimeError(f"ring all-reduce failed: {type(self._error).__name__}: {self._error}") from self._error
         return True
-
-    def is_completed(self) -> bool:
-        return self._done.is_set()
 
 
 class RingAllReduce:
@@ -143,6 +141,7 @@ class RingAllReduce:
             into.add_(got)
         for s in range(w - 1):  # all-gather
             self._exchange(chunks[(r + 1 - s) % w], chunks[(r - s) % w])
+
 
 _RINGS: dict = {}
 
