@@ -276,9 +276,9 @@ def test_ring_all_reduce_against_the_exact_sum(world, tmp_path):
     res = run_ranks([str(worker), str(tmp_path)], world=world, timeout_s=120)
     assert [r[0] for r in res] == [0] * world, f"ring workers' return codes and stderr: {[(r[0], r[2]) for r in res]}"
     for r in range(world):
-        res = torch.load(tmp_path / f"ring_rank{r}.pt")
-        assert res["checked"] == 30 and res["max_rel_err"]["bf16"] > 0  # 10 sizes x 3 dtypes; rounded
-        assert "contiguous CPU tensors" in res["bad_input"]
+        out = torch.load(tmp_path / f"ring_rank{r}.pt")
+        assert out["checked"] == 30 and out["max_rel_err"]["bf16"] > 0  # 10 sizes x 3 dtypes; rounded
+        assert "contiguous CPU tensors" in out["bad_input"]
 
 
 # ----- SyncDataParallel on 2 gloo processes ---------------------------------------------------

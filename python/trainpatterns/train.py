@@ -385,8 +385,7 @@ class Trainer:
         rank, so that callbacks and the best-checkpoint choice decide alike everywhere."""
         if self.world == 1:
             return float(total) / count
-        both = torch.stack([torch.as_tensor(total, dtype=torch.float64, device=self.device).reshape(()),
-                            torch.tensor(float(count), dtype=torch.float64, device=self.device)])
+        both = torch.stack([total, total.new_tensor(float(count))])  # float64, on the model's device
         torch.distributed.all_reduce(both)
         return float(both[0]) / float(both[1])
 
