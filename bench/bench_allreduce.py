@@ -65,7 +65,7 @@ from _common import (Target, Variant, common_parser, environment, format_table, 
 
 import trainpatterns as tp  # noqa: E402
 from trainpatterns import _kernels  # noqa: E402
-from trainpatterns.distributed import SyncDataParallel, init_from_env  # noqa: E402
+from trainpatterns.distributed import SyncDataParallel, init_from_env, shutdown  # noqa: E402
 from trainpatterns.distributed.ring import ring_for  # noqa: E402
 
 
@@ -363,8 +363,7 @@ def main() -> None:
         write_json(args.json, {"benchmark": "bench_allreduce", "environment": environment(), "world": world,
                                "backend": dist.get_backend(), "args": vars(args), "cases": cases,
                                "kernels": kernels})
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from trainpatterns.distributed import SyncDataParallel, init_from_env
+from trainpatterns.distributed import SyncDataParallel, init_from_env, shutdown
 from trainpatterns.optim import FusedAdamW
 
 
@@ -62,7 +62,7 @@ def main() -> None:
         gap = (spread[0] + spread[1]).abs().max().item()  # max over ranks minus min over ranks
         if info.is_main:
             print(f"parameters identical on all {info.world_size} ranks: {gap == 0.0} (max spread {gap:.3g})")
-        dist.destroy_process_group()
+        shutdown()  # a barrier, then destroy_process_group
     elif info.is_main:
         print("single process: nothing to compare")
 

@@ -11,6 +11,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from trainpatterns.distributed import shutdown
 from trainpatterns.distributed.ring import RingAllReduce
 
 # Relative error bound per addition of one 16-bit rounding (unit roundoff), and float32's.
@@ -53,7 +54,7 @@ def main() -> None:
         bad = str(e)
     torch.save({"checked": checked, "max_rel_err": worst, "bad_input": bad},
                os.path.join(outdir, f"ring_rank{rank}.pt"))
-    dist.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":

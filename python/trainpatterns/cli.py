@@ -231,12 +231,17 @@ def _agree(rank0_value, world: int):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import shutdown
+
     rank, world = _join_torchrun()
     try:
-        return _train(args, rank, world)
-    finally:
+        code = _train(args, rank, world)
+    except BaseException:
         if world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+            torch.distributed.destroy_process_group()  # no barrier: the other ranks may be gone
+        raise
+    shutdown()
+    return code
 
 
 def _train(args: argparse.Namespace, rank: int, world: int) -> int:
