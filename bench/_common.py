@@ -215,9 +215,9 @@ def environment() -> dict:
                machine=platform.machine(), cpu=_cpu_name(), cpus=os.cpu_count(),
                simd_cap=os.environ.get("TRAINPATTERNS_SIMD"))
     try:
-        from trainpatterns import _C
+        from trainpatterns import _kernels
 
-        env["trainpatterns"] = dict(_C.build_info())
+        env["trainpatterns"] = _kernels.build_info()
     except Exception as e:  # the benchmark still reports the baselines without the extension
         env["trainpatterns"] = f"unavailable: {e}"
     return env

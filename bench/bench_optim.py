@@ -1,4 +1,4 @@
-"""Benchmark of the fused optimizer steps (issue 2): trainpatterns.optim against torch.optim.
+"""Benchmark of the fused optimizer steps: trainpatterns.optim against torch.optim.
 
 Why: the fused optimizers exist to be at least as fast as torch's best step on every shape of
 parameter list and clearly faster where torch spends time outside the arithmetic. An optimizer
@@ -36,7 +36,7 @@ from _common import (Result, Target, Variant, apply_threads, common_parser, envi
                      format_table, format_targets, measure, write_json)
 
 import trainpatterns  # noqa: E402,F401
-from trainpatterns import _C, _kernels  # noqa: E402
+from trainpatterns import _kernels  # noqa: E402
 from trainpatterns.optim import FusedAdagrad, FusedAdamW, FusedSGD  # noqa: E402
 
 CASES = "abcde"
@@ -179,17 +179,12 @@ def kernel_only(opt, name: str, kind: str) -> Optional[Variant]:
         threads = torch.get_num_threads()
         if kind == "adam":
             b1, b2 = group["betas"]
-            hp = _C.AdamParams(lr=float(group["lr"]), beta1=float(b1), beta2=float(b2), eps=group["eps"],
-                               weight_decay=group["weight_decay"], decoupled=True, amsgrad=False,
-                               maximize=False)
-            fn = _C.adam_step
+            run = _kernels.prepared_adam_step(tables, control, lr=float(group["lr"]), beta1=float(b1),
+                                              beta2=float(b2), eps=group["eps"],
+                                              weight_decay=group["weight_decay"], decoupled=True, amsgrad=False,
+                                              maximize=False, num_threads=threads)
         else:
             raise ValueError(kind)
-        natives = [t.native for t in tables]
-
-        def run():
-            for t in natives:
-                fn(t, hp, control, threads, -1, 0)
     except Exception as e:  # noqa: BLE001 - a diagnostic row, never a reason to fail the benchmark
         print(f"  (kernel-only row left out: {type(e).__name__}: {e})")
         return None

@@ -1,6 +1,6 @@
 // bindings.cpp: the one Python module, trainpatterns._C. Each function here checks its plain
 // arguments, releases the GIL and forwards to a kernel. Tensors never reach a kernel: the Python
-// side (python/trainpatterns/_kernels.py) turns them into addresses, counts and dtype tags. The one
+// side (python/trainpatterns/_kernels/) turns them into addresses, counts and dtype tags. The one
 // place that sees tensors is the optimizers' per-step check (common/tensor_watch.h), and there
 // they stay opaque Python objects whose addresses torch's own exported reader returns.
 #include <pybind11/pybind11.h>
@@ -14,7 +14,6 @@
 #include "common/cpu_kernels.h"
 #include "common/params.h"
 #include "common/tensor_watch.h"
-#include "comm/comm_kernels.h"
 #include "loader/prefetcher.h"
 #ifdef TP_WITH_CUDA
 #include "common/cuda_api.h"
@@ -135,7 +134,7 @@ py::object prefetcher_next(tp::loader::Prefetcher& p, double timeout_s) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "trainpatterns native kernels (see python/trainpatterns/_kernels.py)";
+  m.doc() = "trainpatterns native kernels (see python/trainpatterns/_kernels/)";
   m.def("build_info", &build_info, "What this module was compiled with and what it found at run time.");
 
   py::enum_<DType>(m, "DType")
@@ -241,6 +240,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("table"), py::arg("num_threads"),
         "CPU: sum of squares of all gradients in double; not finite iff a gradient is not finite.");
 
+  py::class_<tp::FinishGradParams>(m, "FinishGradParams")
+      .def(py::init([](std::uintptr_t sumsq, std::uintptr_t inv_scale, float max_norm, std::uintptr_t norm,
+                       std::uintptr_t skip, std::uintptr_t grad_mul) {
+             return tp::FinishGradParams{as_ptr<const double>(sumsq), as_ptr<const float>(inv_scale), max_norm,
+                                         as_ptr<float>(norm), as_ptr<float>(skip), as_ptr<float>(grad_mul)};
+           }),
+           py::kw_only(), py::arg("sumsq"), py::arg("inv_scale") = 0, py::arg("max_norm") = 0.0f,
+           py::arg("norm") = 0, py::arg("skip") = 0, py::arg("grad_mul") = 0);
+
 #ifdef TP_WITH_CUDA
   m.def("grad_sumsq_cuda",
         [](const tp::TensorTable& t, std::uintptr_t sumsq_dev, int device, std::uintptr_t stream) {
@@ -252,19 +260,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("table"), py::arg("sumsq_dev"), py::arg("device"), py::arg("stream"),
         "CUDA: adds the gradients' sum of squares to a device double, asynchronously.");
   m.def("finish_grad_control",
-        [](std::uintptr_t sumsq_dev, float inv_scale, std::uintptr_t inv_scale_dev, float max_norm,
-           std::uintptr_t norm_dev, std::uintptr_t skip_dev, std::uintptr_t grad_mul_dev, int device,
-           std::uintptr_t stream) {
+        [](const tp::FinishGradParams& p, int device, std::uintptr_t stream) {
           py::gil_scoped_release release;
-          tp::cuda::finish_grad_control(as_ptr<const double>(sumsq_dev), inv_scale,
-                                        as_ptr<const float>(inv_scale_dev), max_norm, as_ptr<float>(norm_dev),
-                                        as_ptr<float>(skip_dev), as_ptr<float>(grad_mul_dev), device, stream);
+          tp::cuda::finish_grad_control(p, device, stream);
         },
-        py::arg("sumsq_dev"), py::arg("inv_scale"), py::arg("inv_scale_dev"), py::arg("max_norm"),
-        py::arg("norm_dev"), py::arg("skip_dev"), py::arg("grad_mul_dev"), py::arg("device"),
-        py::arg("stream"), "CUDA: norm, skip flag and gradient multiplier computed on the device.");
+        py::arg("params"), py::arg("device"), py::arg("stream"),
+        "CUDA: norm, skip flag and gradient multiplier computed on the device.");
 #endif
-  // ---- distributed (issue 5): gradient-bucket kernels (csrc/comm) ----
+
+  // Gradient-bucket kernels (csrc/comm).
   py::class_<tp::BucketParams>(m, "BucketParams")
       .def(py::init([](std::uintptr_t rows, std::uintptr_t host_rows, int64_t n, int64_t total, DType dtype,
                        std::uintptr_t bucket, DType wire_dtype, double scale) {
@@ -287,8 +291,8 @@ PYBIND11_MODULE(_C, m) {
       if (p.tensors.n == 0) return;
       py::gil_scoped_release release;
       if (device < 0) {
-        const tp::CommCpuKernels& k = tp::comm_cpu_kernels();
-        (pack ? k.pack : k.unpack)(p, num_threads);
+        const tp::CpuKernels& k = tp::cpu_kernels();
+        (pack ? k.bucket_pack : k.bucket_unpack)(p, num_threads);
         return;
       }
 #ifdef TP_WITH_CUDA
@@ -303,7 +307,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stream") = 0, "bucket[off_i + j] = wire(tensor_i[j] * scale); absent tensors pack as zeros.");
   m.def("bucket_unpack", bucket_op(false), py::arg("params"), py::arg("num_threads"), py::arg("device") = -1,
         py::arg("stream") = 0, "tensor_i[j] = dtype(bucket[off_i + j] * scale); absent tensors are skipped.");
-  // ---- loader (issue 3): the native prefetcher behind trainpatterns.data.PrefetchLoader ----
+
+  // The native prefetcher behind trainpatterns.data.PrefetchLoader (csrc/loader).
   py::class_<tp::loader::Prefetcher>(m, "Prefetcher")
       .def(py::init([](const std::vector<std::tuple<std::uintptr_t, int64_t, int, int, std::vector<int64_t>>>& sources,
                        int64_t num_rows, int64_t batch_size, int prefetch, int num_threads,

@@ -342,15 +342,15 @@ class TestTensorWatch:
 def address_reader(request):
     """Run a test with each way the native side reads tensor addresses (the C function torch
     exports, or calling Tensor.data_ptr where a torch has none)."""
-    from trainpatterns import _C, _kernels
+    from trainpatterns import _kernels
     if request.param == "torch C reader" and _kernels._torch_data_ptr_reader() == 0:
         pytest.skip("this torch exports no C data-pointer reader")
     if request.param != "torch C reader":
-        _C.set_data_ptr_reader(0, torch.Tensor.data_ptr)
+        _kernels.set_address_reader(torch_c_reader=False)
     try:
         yield request.param
     finally:
-        _C.set_data_ptr_reader(_kernels._torch_data_ptr_reader(), torch.Tensor.data_ptr)
+        _kernels.set_address_reader(torch_c_reader=True)
 
 
 def test_address_readers_give_data_ptr_and_torch_trajectory(address_reader):

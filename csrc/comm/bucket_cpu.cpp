@@ -1,10 +1,11 @@
 // bucket_cpu.cpp: pack gradients into a flat all-reduce bucket and unpack them back, on the CPU,
-// with the 1/world_size scale and the wire cast fused into the one pass (see comm_kernels.h).
+// with the 1/world_size scale and the wire cast fused into the one pass (see BucketParams in
+// common/params.h).
 // Reference: plain torch, `bucket[off:off+n] = (g * scale).to(wire)` (tests/test_distributed_sync.py).
 // Compiled once per instruction set like csrc/optim (the loops vectorise; F16C converts float16
 // in the AVX2/AVX-512 builds). Threads split the concatenation of the tensors evenly.
 #include "../common/cpu_isa.h"
-#include "comm_kernels.h"
+#include "../common/cpu_kernels.h"
 
 namespace tp {
 namespace TP_ISA {
@@ -78,15 +79,10 @@ static void run(const BucketParams& p, int num_threads) {
   });
 }
 
-void pack(const BucketParams& p, int num_threads) { run<PackWorker>(p, num_threads); }
-void unpack(const BucketParams& p, int num_threads) { run<UnpackWorker>(p, num_threads); }
-
 }  // namespace
 
-const CommCpuKernels& comm_kernels() {
-  static const CommCpuKernels table{TP_ISA_NAME, &pack, &unpack};
-  return table;
-}
+void bucket_pack(const BucketParams& p, int num_threads) { run<PackWorker>(p, num_threads); }
+void bucket_unpack(const BucketParams& p, int num_threads) { run<UnpackWorker>(p, num_threads); }
 
 }  // namespace TP_ISA
 }  // namespace tp

@@ -1,13 +1,14 @@
 // bucket_cuda.cu: the CUDA twin of bucket_cpu.cpp. Pack gradients into a flat all-reduce bucket
 // and unpack them back, with the 1/world_size scale and the wire cast fused into the one pass (see
-// comm_kernels.h for the maths). The tensor walk, vectorisation and alignment peeling are the
-// optimizer kernels' engine (csrc/common/multi_tensor.cuh): the tensors' bucket offsets play the
-// role of the prefix sum, so small tensors share a block and gaps between them are never visited.
+// BucketParams in common/params.h for the maths). The tensor walk, vectorisation and alignment
+// peeling are the optimizer kernels' engine (csrc/common/multi_tensor.cuh): the tensors' bucket
+// offsets play the role of the prefix sum, so small tensors share a block and gaps between them
+// are never visited.
 // Launches go on the caller's stream, allocate nothing and never synchronize.
 #include <type_traits>
 
+#include "../common/cuda_api.h"
 #include "../common/multi_tensor.cuh"
-#include "comm_kernels.h"
 
 namespace tp {
 namespace cuda {

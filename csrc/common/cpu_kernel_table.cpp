@@ -6,7 +6,8 @@ namespace tp {
 namespace TP_ISA {
 
 const CpuKernels& kernels() {
-  static const CpuKernels table{TP_ISA_NAME, &adam_step, &sgd_step, &adagrad_step, &grad_sumsq};
+  static const CpuKernels table{TP_ISA_NAME, &adam_step,   &sgd_step,      &adagrad_step,
+                                &grad_sumsq, &bucket_pack, &bucket_unpack};
   return table;
 }
 

@@ -1,5 +1,7 @@
-// cpu_kernels.h: the table of CPU kernel entry points, one table per instruction set, and the
-// run-time choice between them (cpu_dispatch.cpp). bindings.cpp calls through cpu_kernels().
+// cpu_kernels.h: the one table of CPU kernel entry points (optimizers, gradient norm, gradient
+// buckets), one instance per instruction set, and the run-time choice between them
+// (cpu_dispatch.cpp). bindings.cpp calls every CPU kernel through cpu_kernels(), so one rule (and
+// one TRAINPATTERNS_SIMD cap) picks the instruction set of all of them.
 #pragma once
 #include "params.h"
 
@@ -13,20 +15,27 @@ struct CpuKernels {
   // Sum of squares of every gradient of the table, accumulated in double. Not finite iff some
   // gradient element is not finite (double cannot overflow on squares of finite floats).
   double (*grad_sumsq)(const TensorTable&, int num_threads);
+  // The gradient-bucket maths of BucketParams (params.h); threads split the concatenation evenly.
+  void (*bucket_pack)(const BucketParams&, int num_threads);
+  void (*bucket_unpack)(const BucketParams&, int num_threads);
 };
 
-#define TP_DECLARE_ISA(ns)                                                                       \
-  namespace ns {                                                                                 \
-  void adam_step(const TensorTable&, const AdamParams&, const GradControl&, int);                \
-  void sgd_step(const TensorTable&, const SgdParams&, const GradControl&, int);                  \
-  void adagrad_step(const TensorTable&, const AdagradParams&, const GradControl&, int);          \
-  double grad_sumsq(const TensorTable&, int);                                                    \
-  const CpuKernels& kernels();                                                                   \
-  }
-TP_DECLARE_ISA(isa_scalar)
-TP_DECLARE_ISA(isa_avx2)
-TP_DECLARE_ISA(isa_avx512)
-#undef TP_DECLARE_ISA
+// Each instruction set's table (cpu_kernel_table.cpp, compiled once per set).
+namespace isa_scalar { const CpuKernels& kernels(); }
+namespace isa_avx2 { const CpuKernels& kernels(); }
+namespace isa_avx512 { const CpuKernels& kernels(); }
+
+#ifdef TP_ISA
+// Inside a per-instruction-set build: the entry points that this build's table gathers.
+namespace TP_ISA {
+void adam_step(const TensorTable&, const AdamParams&, const GradControl&, int num_threads);
+void sgd_step(const TensorTable&, const SgdParams&, const GradControl&, int num_threads);
+void adagrad_step(const TensorTable&, const AdagradParams&, const GradControl&, int num_threads);
+double grad_sumsq(const TensorTable&, int num_threads);
+void bucket_pack(const BucketParams&, int num_threads);
+void bucket_unpack(const BucketParams&, int num_threads);
+}  // namespace TP_ISA
+#endif
 
 // The best table this CPU supports among those compiled in; chosen once, at first use.
 const CpuKernels& cpu_kernels();

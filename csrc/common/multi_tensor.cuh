@@ -194,16 +194,39 @@ __device__ __forceinline__ void piece_loop(int len, int head, Body& body) {
   for (int k = threadIdx.x; k < nscalar; k += kBlock) body.scalar(k < head ? k : tail + (k - head));
 }
 
+// ---- the inputs every optimizer shares ----
+
+// The learning rate and gradient multiplier of one launch (from the host, or read from device
+// memory when the pointer is set, so that no host sync is needed), the maximize sign and the
+// table's step counts. Every optimizer functor holds one as `in`, filled by step_inputs().
+struct StepInputs {
+  double lr, grad_mul, sign;
+  const float* lr_dev;
+  const float* grad_mul_dev;
+  const float* steps;
+
+  __device__ __forceinline__ double lr_now() const { return lr_dev ? static_cast<double>(*lr_dev) : lr; }
+  __device__ __forceinline__ double grad_mul_now() const {
+    return grad_mul_dev ? static_cast<double>(*grad_mul_dev) : grad_mul;
+  }
+};
+
+// From any optimizer's params struct (fields lr, lr_dev, maximize) and the launch's GradControl.
+template <typename Params>
+StepInputs step_inputs(const TensorTable& t, const Params& hp, const GradControl& gc) {
+  return StepInputs{hp.lr, gc.grad_mul, hp.maximize ? -1.0 : 1.0, hp.lr_dev, gc.grad_mul_dev, t.steps};
+}
+
 // ---- the optimizer update ----
 
 // One piece of an optimizer update: loads grad, param (or the fp32 master), the F::kStates state
 // tensors, calls the functor per element, stores everything it loaded, plus the 16-bit param
 // rounded from the master.
 //
-// Functor F (per optimizer): kStates, kSlots (= max(kStates, 1)), `steps` (the table's step
-// counts), a Scalars struct made by F::scalars(step) (per-tensor values: step-dependent
-// corrections, lr, grad multiplier), and operator()(scalars, g, p, s) updating p and the states s
-// in the math type.
+// Functor F (per optimizer): kStates, kSlots (= max(kStates, 1)), `in` (its StepInputs, the
+// table's step counts among them), a Scalars struct made by F::scalars(step) (per-tensor values:
+// step-dependent corrections, lr, grad multiplier), and operator()(scalars, g, p, s) updating p and
+// the states s in the math type.
 template <typename P, typename S, bool MASTER, typename F>
 struct UpdatePiece {
   using M = typename OpMath<P>::type;
@@ -287,7 +310,7 @@ update_kernel(DevTable t, F f, const float* skip) {
   float cached_step = __int_as_float(0x7fc00000);  // NaN: unequal to any step
   typename F::Scalars c{};
   for_each_piece<kChunk>(t, blockIdx.x, [&](int64_t i, int64_t b, int len) {
-    const float step = f.steps[i];
+    const float step = f.in.steps[i];
     if (step != cached_step) {
       c = f.scalars(step);
       cached_step = step;

@@ -1,12 +1,13 @@
-// params.h: the plain structs that cross the Python/C++ boundary for the optimizer kernels.
-// Kernels (CPU and CUDA) receive only these: raw pointers, element counts, scalars. No torch types,
-// so the extension never links libtorch and one build serves every torch version.
+// params.h: the plain structs that cross the Python/C++ boundary for the optimizer and
+// gradient-bucket kernels. Kernels (CPU and CUDA) receive only these: raw pointers, element counts,
+// scalars. No torch types, so the extension never links libtorch and one build serves every torch
+// version.
 #pragma once
 #include <cstdint>
 
 namespace tp {
 
-// Element type tags, fixed integers shared with python/trainpatterns/_kernels.py.
+// Element type tags, fixed integers shared with python/trainpatterns/_kernels/_native.py.
 enum class DType : int32_t { Float32 = 0, Float16 = 1, BFloat16 = 2, Float64 = 3 };
 
 // Rows of a tensor table: an int64 array laid out [kRows][n]. Row kNumel holds element counts,
@@ -67,6 +68,38 @@ struct AdagradParams {
   const float* lr_dev;
   double lr_decay, weight_decay, eps;
   int32_t maximize;
+};
+
+// The last step of the gradient pre-pass on CUDA (finish_grad_control), all in device memory:
+//   norm     = sqrt(*sumsq) * inv_scale
+//   skip     = 1 if the norm is not finite (never reset: it may already hold a found_inf)
+//   grad_mul = inv_scale * min(1, max_norm / (norm + 1e-6)), or inv_scale when max_norm <= 0
+// where inv_scale is *inv_scale, or 1 when that pointer is null.
+struct FinishGradParams {
+  const double* sumsq;      // accumulated sum of squares of the (scaled) gradients
+  const float* inv_scale;   // reciprocal of the loss scale, or null
+  float max_norm;           // clipping threshold (<= 0: no clipping), as the norm's float
+  float* norm;              // out, or null
+  float* skip;              // out, or null
+  float* grad_mul;          // out, or null
+};
+
+// A flat bucket and the tensors that live in it, for the gradient-bucket kernels (csrc/comm), which
+// fuse the scale by 1/world_size and the dtype cast into one pass:
+//   pack:   bucket[off_i + j] = wire(tensor_i[j] * scale)       (absent tensor: zeros)
+//   unpack: tensor_i[j]       = dtype(bucket[off_i + j] * scale) (absent tensor: skipped)
+// A tensor may alias its own place in the bucket (pack in place: the gradient is a bucket view).
+// Of `tensors` (a TensorTable, so that the optimizer
+// kernels' tensor walk is reused) only three rows are read: kNumel (elements of tensor i), kGrad
+// (its address; 0 means "absent": packed as zeros, skipped by unpack) and kPrefix (where it starts
+// in the bucket, in elements: offsets may leave gaps, e.g. for alignment, which are never touched).
+// tensors.dtype is the tensors' dtype, tensors.total the bucket span (max of offset + numel);
+// steps and master are unused.
+struct BucketParams {
+  TensorTable tensors;
+  void* bucket;       // the flat buffer, wire_dtype elements
+  DType wire_dtype;   // what the all-reduce moves: the gradient dtype, or bfloat16/float16 to compress
+  double scale;       // multiplier applied in the math type (float, or double if either dtype is double)
 };
 
 }  // namespace tp

@@ -1,30 +1,17 @@
-// prefetcher.cpp: worker threads, the ordered hand-off and the buffer pool (see prefetcher.h).
-// One mutex guards all shared state; workers hold it only to claim work and to publish results,
-// never while copying, and nothing here touches Python, so the GIL is never needed.
+// prefetcher.cpp: worker threads and the ordered hand-off of batches (see prefetcher.h); the
+// buffers they fill are the BufferPool's (buffer_pool.h). One mutex guards all shared state, the
+// pool included; workers hold it only to claim work and to publish results, never while copying,
+// and nothing here touches Python, so the GIL is never needed.
 #include "loader/prefetcher.h"
 
 #include <algorithm>
 #include <chrono>
-#include <cstdlib>
 #include <new>
 #include <stdexcept>
 
 #include "loader/gather.h"
 
 namespace tp::loader {
-
-namespace {
-constexpr size_t kAlign = 64;  // cache line: every source's part of a slot starts aligned
-
-size_t round_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
-}  // namespace
-
-struct Slot {
-  uint8_t* memory = nullptr;       // owned allocation (null for external or trimmed slots)
-  std::vector<uint8_t*> parts;     // per source; empty while the slot has no memory
-  enum State { Free, Busy } state = Free;  // Busy: being filled, ready, or held by the consumer
-  int views = 0;                   // exported views not yet released
-};
 
 struct Epoch {
   std::shared_ptr<const std::vector<int64_t>> order;
@@ -50,115 +37,10 @@ struct InFlight {
   std::string error;  // the first chunk's failure
 };
 
-struct PoolState {
-  PrefetcherConfig cfg;
-  std::vector<size_t> offsets;  // per source, within an owned slot
-  size_t slot_bytes = 0;
-  bool owned = true;
-  int keep = 0;  // owned pool: buffers kept allocated; a released one beyond that is freed
-
-  mutable std::mutex mu;
-  std::condition_variable work_cv;   // workers: work, a free slot, or stop
-  std::condition_variable ready_cv;  // consumer: the next batch is done
-  bool stop = false;
-  std::vector<Slot> slots;
-  std::deque<Epoch> epochs;
-  int64_t pushed = 0;   // batches in all pushed epochs
-  int64_t claimed = 0;  // next sequence number a worker will start
-  // Refill hysteresis: once `prefetch` batches are in flight, no new batch starts until the
-  // consumer has taken them down to half of that, so each wake-up of a sleeping worker (a
-  // scheduling delay on a busy machine) is paid once per prefetch/2 batches, not once per batch.
-  bool refill = true;
-  int64_t low_water = 0;
-  int64_t chunk_rows = 1;  // rows per unit of work
-  std::map<int64_t, InFlight> active;  // started batches with chunks not all finished
-  int64_t taken = 0;    // next sequence number the consumer takes
-  std::map<int64_t, Done> done;
-  std::string error;    // set once a failed batch was taken: the prefetcher is broken
-
-  ~PoolState() {
-    for (Slot& s : slots) std::free(s.memory);
-  }
-
-  int free_slot_locked() const {
-    for (size_t i = 0; i < slots.size(); ++i)
-      if (slots[i].state == Slot::Free && !slots[i].parts.empty()) return static_cast<int>(i);
-    return -1;
-  }
-
-  bool can_start_locked() const {
-    if (!refill || claimed >= pushed || claimed - taken >= cfg.prefetch || !error.empty()) return false;
-    return owned || free_slot_locked() >= 0;
-  }
-
-  // The earliest started batch with a chunk left, or -1.
-  int64_t unclaimed_locked() const {
-    for (const auto& [seq, b] : active)
-      if (b.claimed < b.chunks) return seq;
-    return -1;
-  }
-
-  bool has_work_locked() const { return unclaimed_locked() >= 0 || can_start_locked(); }
-
-  // A free slot with memory, allocating one in an owned pool. Throws std::bad_alloc.
-  int acquire_slot_locked() {
-    int i = free_slot_locked();
-    if (i < 0) {
-      for (size_t k = 0; k < slots.size() && i < 0; ++k)
-        if (slots[k].parts.empty()) i = static_cast<int>(k);
-      if (i < 0) {
-        slots.emplace_back();
-        i = static_cast<int>(slots.size()) - 1;
-      }
-      Slot& s = slots[i];
-      s.memory = static_cast<uint8_t*>(std::aligned_alloc(kAlign, std::max(slot_bytes, kAlign)));
-      if (s.memory == nullptr) throw std::bad_alloc();
-      for (size_t off : offsets) s.parts.push_back(s.memory + off);
-    }
-    slots[i].state = Slot::Busy;
-    return i;
-  }
-
-  void release_view(int slot) {
-    {
-      std::lock_guard<std::mutex> lk(mu);
-      Slot& s = slots[slot];
-      if (--s.views > 0) return;
-      s.state = Slot::Free;
-      if (owned) {
-        int allocated = 0;
-        for (const Slot& o : slots)
-          if (!o.parts.empty()) ++allocated;
-        if (allocated > keep) {  // the user had held many batches: give the memory back
-          std::free(s.memory);
-          s.memory = nullptr;
-          s.parts.clear();
-        }
-      }
-    }
-    work_cv.notify_all();
-  }
-};
-
 namespace {
 
-// What a DLPack view owns: the pool state (kept alive) and its own shape.
-struct ViewCtx {
-  std::shared_ptr<PoolState> st;
-  int slot;
-  std::vector<int64_t> shape;
-};
-
-void view_deleter(DLManagedTensor* t) {
-  auto* ctx = static_cast<ViewCtx*>(t->manager_ctx);
-  ctx->st->release_view(ctx->slot);
-  delete ctx;
-  delete t;
-}
-
-}  // namespace
-
-Prefetcher::Prefetcher(PrefetcherConfig cfg) : st_(std::make_shared<PoolState>()) {
+// Checks a configuration before anything starts; throws std::invalid_argument naming the problem.
+PrefetcherConfig validated(PrefetcherConfig cfg) {
   if (cfg.sources.empty()) throw std::invalid_argument("the prefetcher needs at least one source");
   if (cfg.batch_size < 1) throw std::invalid_argument("batch_size must be >= 1");
   if (cfg.prefetch < 1) throw std::invalid_argument("prefetch must be >= 1");
@@ -176,35 +58,104 @@ Prefetcher::Prefetcher(PrefetcherConfig cfg) : st_(std::make_shared<PoolState>()
     if (s.base == nullptr && s.row_bytes > 0 && cfg.num_rows > 0)
       throw std::invalid_argument("a source has a null address");
   }
-  PoolState& st = *st_;
-  st.owned = cfg.external.empty();
-  size_t off = 0;
-  for (const Source& s : cfg.sources) {
-    st.offsets.push_back(off);
-    off += round_up(static_cast<size_t>(s.row_bytes) * static_cast<size_t>(cfg.batch_size));
-  }
-  st.slot_bytes = off;
-  // The consumer holds the batch it works on and, while asking for the next, the previous one.
-  st.keep = cfg.prefetch + 2;
-  st.low_water = cfg.prefetch / 2;
-  // Each batch is split over the threads, in chunks of at least ~32 KiB so that claiming a
-  // chunk (one lock) stays negligible next to copying it.
+  return cfg;
+}
+
+// Per source, the bytes of its part of one batch.
+std::vector<size_t> part_bytes(const PrefetcherConfig& cfg) {
+  std::vector<size_t> bytes;
+  for (const Source& s : cfg.sources)
+    bytes.push_back(static_cast<size_t>(s.row_bytes) * static_cast<size_t>(cfg.batch_size));
+  return bytes;
+}
+
+// Rows per unit of work: each batch is split over the threads, in chunks of at least ~32 KiB so
+// that claiming a chunk (one lock) stays negligible next to copying it.
+int64_t chunk_rows_for(const PrefetcherConfig& cfg) {
   int64_t bytes_per_row = 0;
   for (const Source& s : cfg.sources) bytes_per_row += s.row_bytes;
   const int64_t min_rows = std::max<int64_t>(1, (32 * 1024) / std::max<int64_t>(1, bytes_per_row));
   const int64_t per_thread = (cfg.batch_size + cfg.num_threads - 1) / cfg.num_threads;
-  st.chunk_rows = std::max(min_rows, per_thread);
-  if (!st.owned) {
-    for (const auto& bufs : cfg.external) {
-      if (bufs.size() != cfg.sources.size())
-        throw std::invalid_argument("every external slot needs one buffer per source");
-      Slot s;
-      s.parts = bufs;
-      st.slots.push_back(std::move(s));
-    }
+  return std::max(min_rows, per_thread);
+}
+
+}  // namespace
+
+struct PrefetchState {
+  // The consumer holds the batch it works on and, while asking for the next, the previous one:
+  // an owned pool keeps prefetch + 2 buffers allocated.
+  explicit PrefetchState(PrefetcherConfig c)
+      : cfg(std::move(c)),
+        pool(part_bytes(cfg), cfg.external, cfg.prefetch + 2),
+        low_water(cfg.prefetch / 2),
+        chunk_rows(chunk_rows_for(cfg)) {}
+
+  const PrefetcherConfig cfg;
+  BufferPool pool;
+
+  mutable std::mutex mu;
+  std::condition_variable work_cv;   // workers: work, a free slot, or stop
+  std::condition_variable ready_cv;  // consumer: the next batch is done
+  bool stop = false;
+  std::deque<Epoch> epochs;
+  int64_t pushed = 0;   // batches in all pushed epochs
+  int64_t claimed = 0;  // next sequence number a worker will start
+  // Refill hysteresis: once `prefetch` batches are in flight, no new batch starts until the
+  // consumer has taken them down to half of that, so each wake-up of a sleeping worker (a
+  // scheduling delay on a busy machine) is paid once per prefetch/2 batches, not once per batch.
+  bool refill = true;
+  const int64_t low_water;
+  const int64_t chunk_rows;  // rows per unit of work
+  std::map<int64_t, InFlight> active;  // started batches with chunks not all finished
+  int64_t taken = 0;    // next sequence number the consumer takes
+  std::map<int64_t, Done> done;
+  std::string error;    // set once a failed batch was taken: the prefetcher is broken
+
+  bool can_start_locked() const {
+    if (!refill || claimed >= pushed || claimed - taken >= cfg.prefetch || !error.empty()) return false;
+    return pool.can_acquire();
   }
-  st.cfg = std::move(cfg);
-  const int n = st.cfg.num_threads;
+
+  // The earliest started batch with a chunk left, or -1.
+  int64_t unclaimed_locked() const {
+    for (const auto& [seq, b] : active)
+      if (b.claimed < b.chunks) return seq;
+    return -1;
+  }
+
+  bool has_work_locked() const { return unclaimed_locked() >= 0 || can_start_locked(); }
+
+  // A view's deleter: the last view of a slot frees it, which may let a worker start a batch.
+  void release_view(int slot) {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      if (!pool.release_view(slot)) return;
+    }
+    work_cv.notify_all();
+  }
+};
+
+namespace {
+
+// What a DLPack view owns: the prefetcher state (kept alive, with its pool) and its own shape.
+struct ViewCtx {
+  std::shared_ptr<PrefetchState> st;
+  int slot;
+  std::vector<int64_t> shape;
+};
+
+void view_deleter(DLManagedTensor* t) {
+  auto* ctx = static_cast<ViewCtx*>(t->manager_ctx);
+  ctx->st->release_view(ctx->slot);
+  delete ctx;
+  delete t;
+}
+
+}  // namespace
+
+Prefetcher::Prefetcher(PrefetcherConfig cfg)
+    : st_(std::make_shared<PrefetchState>(validated(std::move(cfg)))) {
+  const int n = st_->cfg.num_threads;
   threads_.reserve(n);
   try {
     for (int i = 0; i < n; ++i) threads_.emplace_back(&Prefetcher::worker, this);
@@ -234,10 +185,7 @@ bool Prefetcher::closed() const {
 
 int Prefetcher::num_slots() const {
   std::lock_guard<std::mutex> lk(st_->mu);
-  int n = 0;
-  for (const Slot& s : st_->slots)
-    if (st_->owned ? !s.parts.empty() : s.state == Slot::Busy) ++n;
-  return n;
+  return st_->pool.count();
 }
 
 int Prefetcher::num_sources() const { return static_cast<int>(st_->cfg.sources.size()); }
@@ -248,7 +196,7 @@ int64_t Prefetcher::pushed() const {
 }
 
 int64_t Prefetcher::push_epoch(std::vector<int64_t> order, bool drop_last, int64_t first_batch) {
-  PoolState& st = *st_;
+  PrefetchState& st = *st_;
   const int64_t n = static_cast<int64_t>(order.size());
   const int64_t bs = st.cfg.batch_size;
   const int64_t batches = drop_last ? n / bs : (n + bs - 1) / bs;
@@ -267,7 +215,7 @@ int64_t Prefetcher::push_epoch(std::vector<int64_t> order, bool drop_last, int64
 }
 
 bool Prefetcher::next(double timeout_s, TakenBatch* out) {
-  PoolState& st = *st_;
+  PrefetchState& st = *st_;
   std::unique_lock<std::mutex> lk(st.mu);
   if (!st.error.empty()) throw std::runtime_error(st.error);
   if (st.stop) throw std::runtime_error("the prefetcher is closed");
@@ -283,7 +231,7 @@ bool Prefetcher::next(double timeout_s, TakenBatch* out) {
   st.done.erase(it);
   if (!d.error.empty()) {
     st.error = "gathering batch " + std::to_string(st.taken) + " failed: " + d.error;
-    if (d.slot >= 0) st.slots[d.slot].state = Slot::Free;
+    if (d.slot >= 0) st.pool.release(d.slot);
     const std::string message = st.error;
     lk.unlock();
     st.work_cv.notify_all();
@@ -293,7 +241,7 @@ bool Prefetcher::next(double timeout_s, TakenBatch* out) {
   out->rows = d.rows;
   out->slot = d.slot;
   if (st.claimed - st.taken <= st.low_water) st.refill = true;
-  st.slots[d.slot].views = static_cast<int>(st.cfg.sources.size());
+  st.pool.set_views(d.slot, static_cast<int>(st.cfg.sources.size()));
   // Epochs whose batches have all been taken are no longer needed by any worker.
   while (!st.epochs.empty() && st.epochs.front().first_seq + st.epochs.front().count <= st.taken)
     st.epochs.pop_front();
@@ -304,13 +252,13 @@ bool Prefetcher::next(double timeout_s, TakenBatch* out) {
 }
 
 DLManagedTensor* Prefetcher::export_view(const TakenBatch& b, int source) {
-  PoolState& st = *st_;
+  PrefetchState& st = *st_;
   if (source < 0 || source >= static_cast<int>(st.cfg.sources.size()))
     throw std::out_of_range("source index out of range");
   uint8_t* data;
   {
     std::lock_guard<std::mutex> lk(st.mu);
-    data = st.slots.at(b.slot).parts[source];
+    data = st.pool.parts(b.slot)[source];
   }
   const Source& src = st.cfg.sources[source];
   auto* ctx = new ViewCtx{st_, b.slot, {b.rows}};
@@ -329,7 +277,7 @@ DLManagedTensor* Prefetcher::export_view(const TakenBatch& b, int source) {
 }
 
 void Prefetcher::worker() {
-  PoolState& st = *st_;
+  PrefetchState& st = *st_;
   for (;;) {
     int64_t seq = -1, begin = 0, end = 0;
     const int64_t* idx = nullptr;
@@ -355,15 +303,15 @@ void Prefetcher::worker() {
         }
         fresh.chunks = std::max<int64_t>(1, (fresh.rows + st.chunk_rows - 1) / st.chunk_rows);
         try {
-          fresh.slot = st.acquire_slot_locked();
+          fresh.slot = st.pool.acquire();
         } catch (const std::bad_alloc&) {  // nothing to gather: the batch fails as a whole
           st.done[seq] = Done{-1, fresh.rows,
-                              "out of memory allocating a batch buffer of " + std::to_string(st.slot_bytes) + " bytes"};
+                              "out of memory allocating a batch buffer of " + std::to_string(st.pool.slot_bytes()) + " bytes"};
           lk.unlock();
           st.ready_cv.notify_all();
           continue;
         }
-        fresh.dst = st.slots[fresh.slot].parts;
+        fresh.dst = st.pool.parts(fresh.slot);
         st.active.emplace(seq, std::move(fresh));
         if (st.active.at(seq).chunks > 1) st.work_cv.notify_all();  // its other chunks are up for grabs
       }

@@ -5,9 +5,8 @@
 // gather whole batches, so the result never depends on the thread count or on timing. A taken batch
 // is exported as zero-copy DLPack views, one per source; its buffer goes back to the pool only when
 // every view has been released (for torch: when the last tensor sharing its storage is freed), so a
-// batch the user still holds is never overwritten. The pool either owns its memory (grown on demand
-// while the user holds batches, trimmed back when they are dropped) or uses fixed external buffers
-// (pinned host memory allocated by the caller).
+// batch the user still holds is never overwritten. The buffers are a BufferPool's (buffer_pool.h):
+// owned memory grown on demand and trimmed back, or fixed external buffers (pinned host memory).
 #pragma once
 
 #include <condition_variable>
@@ -20,6 +19,7 @@
 #include <thread>
 #include <vector>
 
+#include "loader/buffer_pool.h"
 #include "loader/dlpack.h"
 
 namespace tp::loader {
@@ -48,7 +48,7 @@ struct TakenBatch {
   int slot;
 };
 
-struct PoolState;  // shared with the exported views, which may outlive the Prefetcher
+struct PrefetchState;  // shared with the exported views, which may outlive the Prefetcher
 
 class Prefetcher {
  public:
@@ -81,7 +81,7 @@ class Prefetcher {
  private:
   void worker();
 
-  std::shared_ptr<PoolState> st_;
+  std::shared_ptr<PrefetchState> st_;
   std::vector<std::thread> threads_;
 };
 

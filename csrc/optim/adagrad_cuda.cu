@@ -21,10 +21,8 @@ struct AdagradOp {
   // Step-independent constants in the math type.
   M wd, eps;
   // Inputs of the per-tensor scalars.
-  double lr, lr_decay, grad_mul, sign;
-  const float* lr_dev;
-  const float* grad_mul_dev;
-  const float* steps;
+  mt::StepInputs in;
+  double lr_decay;
 
   struct Scalars {
     M gm, neg_clr;
@@ -32,10 +30,10 @@ struct AdagradOp {
 
   __device__ __forceinline__ Scalars scalars(float step_count) const {
     const double step = step_count;                        // already incremented
-    const double lr_now = lr_dev ? static_cast<double>(*lr_dev) : lr;
-    const double mul = grad_mul_dev ? static_cast<double>(*grad_mul_dev) : grad_mul;
+    const double lr_now = in.lr_now();
+    const double mul = in.grad_mul_now();
     Scalars c;
-    c.gm = static_cast<M>(mul * sign);                     // unscale * clip * maximize sign
+    c.gm = static_cast<M>(mul * in.sign);                  // unscale * clip * maximize sign
     c.neg_clr = static_cast<M>(-(lr_now / (1.0 + (step - 1.0) * lr_decay)));  // clr, in double
     return c;
   }
@@ -54,13 +52,8 @@ AdagradOp<M> make_op(const TensorTable& t, const AdagradParams& hp, const GradCo
   AdagradOp<M> op{};
   op.wd = static_cast<M>(hp.weight_decay);
   op.eps = static_cast<M>(hp.eps);
-  op.lr = hp.lr;
+  op.in = mt::step_inputs(t, hp, gc);
   op.lr_decay = hp.lr_decay;
-  op.grad_mul = gc.grad_mul;
-  op.sign = hp.maximize ? -1.0 : 1.0;
-  op.lr_dev = hp.lr_dev;
-  op.grad_mul_dev = gc.grad_mul_dev;
-  op.steps = t.steps;
   return op;
 }
 

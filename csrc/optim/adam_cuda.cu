@@ -24,11 +24,9 @@ struct AdamOp {
   M l2, lerp_coef, beta2, one_minus_beta2, eps;
   bool lerp_low;
   // Inputs of the per-tensor scalars.
-  double lr, beta1_d, beta2_d, weight_decay, grad_mul, sign;
+  mt::StepInputs in;
+  double beta1_d, beta2_d, weight_decay;
   int decoupled;
-  const float* lr_dev;
-  const float* grad_mul_dev;
-  const float* steps;
 
   struct Scalars {
     M gm, decay, neg_step_size, bc2s;
@@ -36,12 +34,12 @@ struct AdamOp {
 
   __device__ __forceinline__ Scalars scalars(float step_count) const {
     const double step = step_count;                                  // already incremented
-    const double lr_now = lr_dev ? static_cast<double>(*lr_dev) : lr;
-    const double mul = grad_mul_dev ? static_cast<double>(*grad_mul_dev) : grad_mul;
+    const double lr_now = in.lr_now();
+    const double mul = in.grad_mul_now();
     const double bc1 = 1.0 - pow(beta1_d, step);                     // bias corrections, in double
     const double bc2 = 1.0 - pow(beta2_d, step);
     Scalars c;
-    c.gm = static_cast<M>(mul * sign);                               // unscale * clip * maximize sign
+    c.gm = static_cast<M>(mul * in.sign);                            // unscale * clip * maximize sign
     c.decay = static_cast<M>(decoupled ? 1.0 - lr_now * weight_decay : 1.0);
     c.neg_step_size = static_cast<M>(-(lr_now / bc1));
     c.bc2s = static_cast<M>(sqrt(bc2));
@@ -78,16 +76,11 @@ AdamOp<M, AMSGRAD> make_op(const TensorTable& t, const AdamParams& hp, const Gra
   op.beta2 = static_cast<M>(hp.beta2);
   op.one_minus_beta2 = static_cast<M>(1.0 - hp.beta2);
   op.eps = static_cast<M>(hp.eps);
-  op.lr = hp.lr;
+  op.in = mt::step_inputs(t, hp, gc);
   op.beta1_d = hp.beta1;
   op.beta2_d = hp.beta2;
   op.weight_decay = hp.weight_decay;
-  op.grad_mul = gc.grad_mul;
-  op.sign = hp.maximize ? -1.0 : 1.0;
   op.decoupled = hp.decoupled;
-  op.lr_dev = hp.lr_dev;
-  op.grad_mul_dev = gc.grad_mul_dev;
-  op.steps = t.steps;
   return op;
 }
 

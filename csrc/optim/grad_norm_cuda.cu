@@ -78,19 +78,18 @@ __global__ void __launch_bounds__(kBlock) sumsq_kernel(mt::DevTable t, double* o
   if (threadIdx.x == 0) atomicAdd(out, block);               // total += this block's partial
 }
 
-__global__ void finish_kernel(const double* sumsq, float inv_scale, const float* inv_scale_dev, float max_norm,
-                              float* norm_out, float* skip, float* grad_mul) {
-  const double inv = inv_scale_dev ? static_cast<double>(*inv_scale_dev) : static_cast<double>(inv_scale);
-  const double norm = sqrt(*sumsq) * inv;                    // L2 norm of the unscaled gradients
+__global__ void finish_kernel(FinishGradParams p) {
+  const double inv = p.inv_scale ? static_cast<double>(*p.inv_scale) : 1.0;  // loss-scale reciprocal
+  const double norm = sqrt(*p.sumsq) * inv;                  // L2 norm of the unscaled gradients
   double mul = inv;                                          // no clipping: just unscale
-  if (max_norm > 0.0f) {
-    double clip = static_cast<double>(max_norm) / (norm + 1e-6);  // clip_grad_norm_'s coefficient
+  if (p.max_norm > 0.0f) {
+    double clip = static_cast<double>(p.max_norm) / (norm + 1e-6);  // clip_grad_norm_'s coefficient
     if (clip == clip) clip = fmin(clip, 1.0);                // clamp(max=1), which keeps NaN
     mul = inv * clip;                                        // unscale and clip in one factor
   }
-  if (norm_out) *norm_out = static_cast<float>(norm);
-  if (skip && !isfinite(norm)) *skip = 1.0f;                 // skip |= !finite(norm)
-  if (grad_mul) *grad_mul = static_cast<float>(mul);
+  if (p.norm) *p.norm = static_cast<float>(norm);
+  if (p.skip && !isfinite(norm)) *p.skip = 1.0f;             // skip |= !finite(norm)
+  if (p.grad_mul) *p.grad_mul = static_cast<float>(mul);
 }
 
 }  // namespace
@@ -107,12 +106,10 @@ void grad_sumsq(const TensorTable& t, double* sumsq_dev, int device, std::uintpt
   });
 }
 
-void finish_grad_control(const double* sumsq_dev, float inv_scale, const float* inv_scale_dev, float max_norm,
-                         float* norm_dev, float* skip_dev, float* grad_mul_dev, int device, std::uintptr_t stream) {
-  if (sumsq_dev == nullptr) throw std::invalid_argument("finish_grad_control: sumsq_dev is null");
+void finish_grad_control(const FinishGradParams& p, int device, std::uintptr_t stream) {
+  if (p.sumsq == nullptr) throw std::invalid_argument("finish_grad_control: sumsq is null");
   DeviceGuard guard(device);
-  finish_kernel<<<1, 1, 0, mt::as_stream(stream)>>>(sumsq_dev, inv_scale, inv_scale_dev, max_norm, norm_dev,
-                                                    skip_dev, grad_mul_dev);
+  finish_kernel<<<1, 1, 0, mt::as_stream(stream)>>>(p);
   TP_CUDA_CHECK_LAUNCH("finish_kernel");
 }
 

@@ -19,10 +19,7 @@ struct SgdOp {
   M wd, mom, one_minus_damp;
   bool nesterov;
   // Inputs of the per-tensor scalars.
-  double lr, grad_mul, sign;
-  const float* lr_dev;
-  const float* grad_mul_dev;
-  const float* steps;
+  mt::StepInputs in;
 
   struct Scalars {
     M gm, neg_lr;
@@ -30,10 +27,10 @@ struct SgdOp {
   };
 
   __device__ __forceinline__ Scalars scalars(float step_count) const {
-    const double lr_now = lr_dev ? static_cast<double>(*lr_dev) : lr;
-    const double mul = grad_mul_dev ? static_cast<double>(*grad_mul_dev) : grad_mul;
+    const double lr_now = in.lr_now();
+    const double mul = in.grad_mul_now();
     Scalars c;
-    c.gm = static_cast<M>(mul * sign);                    // unscale * clip * maximize sign
+    c.gm = static_cast<M>(mul * in.sign);                 // unscale * clip * maximize sign
     c.neg_lr = static_cast<M>(-lr_now);
     c.first = step_count == 1.0f;                         // steps were incremented before the pass
     return c;
@@ -59,12 +56,7 @@ SgdOp<M, MOMENTUM> make_op(const TensorTable& t, const SgdParams& hp, const Grad
   op.mom = static_cast<M>(hp.momentum);
   op.one_minus_damp = static_cast<M>(1.0 - hp.dampening);
   op.nesterov = hp.nesterov != 0;
-  op.lr = hp.lr;
-  op.grad_mul = gc.grad_mul;
-  op.sign = hp.maximize ? -1.0 : 1.0;
-  op.lr_dev = hp.lr_dev;
-  op.grad_mul_dev = gc.grad_mul_dev;
-  op.steps = t.steps;
+  op.in = mt::step_inputs(t, hp, gc);
   return op;
 }
 

@@ -1,5 +1,7 @@
-"""Type stub of the native module trainpatterns._C (csrc/bindings.cpp). Only _kernels.py calls it."""
+"""Type stub of the native module trainpatterns._C (csrc/bindings.cpp). Only trainpatterns._kernels calls it."""
 from enum import Enum
+
+import numpy as np
 
 class DType(Enum):
     float32 = 0
@@ -45,10 +47,14 @@ def adagrad_step(table: TensorTable, params: AdagradParams, grad_control: GradCo
                  device: int = -1, stream: int = 0) -> None: ...
 def grad_sumsq(table: TensorTable, num_threads: int) -> float: ...
 def grad_sumsq_cuda(table: TensorTable, sumsq_dev: int, device: int, stream: int) -> None: ...
-def finish_grad_control(sumsq_dev: int, inv_scale: float, inv_scale_dev: int, max_norm: float, norm_dev: int,
-                        skip_dev: int, grad_mul_dev: int, device: int, stream: int) -> None: ...
 
-# distributed (issue 5): gradient-bucket kernels (csrc/comm)
+class FinishGradParams:
+    def __init__(self, *, sumsq: int, inv_scale: int = 0, max_norm: float = 0.0, norm: int = 0, skip: int = 0,
+                 grad_mul: int = 0) -> None: ...
+
+def finish_grad_control(params: FinishGradParams, device: int, stream: int) -> None: ...
+
+# gradient-bucket kernels (csrc/comm)
 class BucketParams:
     scale: float
     def __init__(self, *, rows: int, host_rows: int, n: int, total: int, dtype: DType, bucket: int,
@@ -56,9 +62,8 @@ class BucketParams:
 
 def bucket_pack(params: BucketParams, num_threads: int, device: int = -1, stream: int = 0) -> None: ...
 def bucket_unpack(params: BucketParams, num_threads: int, device: int = -1, stream: int = 0) -> None: ...
-# ---- loader (issue 3): csrc/loader/prefetcher.h ----
-import numpy as np
 
+# the prefetch loader (csrc/loader/prefetcher.h)
 class Prefetcher:
     closed: bool
     num_slots: int
