@@ -101,8 +101,8 @@ def shutdown() -> None:
     Why the barrier: after a collective returns, gloo's worker thread still drops its reference to
     the collective's tensors, and that needs the GIL. If the process is already shutting down the
     interpreter, that thread is ended mid-C++ and the process aborts ("terminate called without an
-    active exception", exit code -6): a torch race, which we measured in 2-4 of 10 runs of a small
-    checkpointing job (none of 16 with the barrier). The barrier releases the GIL until the threads are done.
+    active exception", exit code -6): a torch race, seen in a few of every ten runs of a small
+    checkpointing job without the barrier. The barrier releases the GIL until the threads are done.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return

@@ -2,10 +2,9 @@
 
 Why: with ``compress`` on CPU/gloo, gloo's own all-reduce of a bfloat16/float16 tensor realises
 little of the halved bytes. It sums 16-bit values one element at a time (``gloo::sum<BFloat16>``),
-and its segmented ring makes many small transfers. On 2 ranks over loopback a bf16 all-reduce took
-0.76-0.87x the time of the float32 one. The same bytes moved as one large ``isend``/``irecv`` per
-step, summed by torch's vectorised add, took 0.62-0.84x, and 0.76-0.89x of gloo's bf16 time at
-30-50M elements (bench/RESULTS.md, "the ring for 16-bit wires").
+and its segmented ring makes many small transfers. The same bytes moved as one large
+``isend``/``irecv`` per step and summed by torch's vectorised add take about 0.8x of gloo's 16-bit
+time at 30-50M elements (bench/RESULTS.md, "the ring for 16-bit wires").
 
 Algorithm (the classic ring of Patarasuk and Yuan; every rank runs the same steps):
 * The buffer is cut into ``world`` chunks.
@@ -126,8 +125,7 @@ class RingAllReduce:
             w.wait()
 
     def _all_reduce(self, flat: torch.Tensor) -> None:
-        # Not pipelined in pieces: summing a piece while the next ones arrive measured no faster on
-        # loopback (pieces of 128K-1M elements, 4.2M and 30M in all).
+        # Not pipelined in pieces: summing a piece while the next ones arrive is no faster on loopback.
         w, r = self.world, self.rank
         chunks = flat.tensor_split(w)
         longest = chunks[0].numel()

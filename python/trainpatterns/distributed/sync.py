@@ -6,9 +6,9 @@ parameters stay identical. How (the design of torch DDP, with fused native bucke
 
 * At wrap time the trainable parameters are split into buckets in reverse registration order (the
   order backward produces gradients), by dtype, about ``bucket_mb`` each (the first one smaller, as
-  in DDP, so communication starts early); identical on every rank. Each bucket owns a flat buffer;
-  after the first step every ``.grad`` is a view into it, so autograd accumulates straight into the
-  bucket and no copy is needed.
+  in DDP, so communication starts early); identical on every rank (sync_buckets.py). Each bucket
+  owns a flat buffer; after the first step every ``.grad`` is a view into it, so autograd
+  accumulates straight into the bucket and no copy is needed.
 * A post-accumulate-grad hook marks a parameter ready; when all parameters of a bucket (and of every
   bucket before it: all ranks launch in the same order) are ready, one native pass packs the bucket
   (gradients that are not yet views are copied in, absent ones count as zeros), scales it by
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
@@ -41,40 +40,11 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import _kernels
+from ..optim import SupportsStepSubset
 from .ring import ring_for
+from .sync_buckets import MIB, WIRE_DTYPES, GradBucket, make_buckets
 
 __all__ = ["SyncDataParallel"]
-
-_WIRE_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Bucket slots start on multiples of this many elements (64 bytes of float32), so the kernels' vector
-# loads line up; the gaps stay zero and cost nothing in the sum.
-_SLOT_ALIGN = 16
-_MIB = 1024 * 1024
-
-
-def _align(n: int) -> int:
-    return (n + _SLOT_ALIGN - 1) // _SLOT_ALIGN * _SLOT_ALIGN
-
-
-@dataclass
-class _Bucket:
-    """One all-reduce unit: parameters of one dtype, their slots in a flat buffer, a flag per
-    parameter after the slots. ``wire`` is what is all-reduced: ``flat`` itself, or a 16-bit copy."""
-
-    index: int
-    params: list
-    names: list
-    flat: torch.Tensor  # parameter dtype: [slots | flags]; grads are views into the slots
-    wire: torch.Tensor  # flat, or a bfloat16/float16 buffer of the same length
-    views: list  # per parameter, its slot viewed with the parameter's shape
-    flags: torch.Tensor  # view of flat's tail: 1 where this rank had a gradient (scaled with the rest)
-    pack_table: _kernels.BucketTable  # params' gradients (or absent) + the flags -> wire
-    unpack_table: Optional[_kernels.BucketTable]  # wire -> flat (compression only)
-    ready: list = field(default_factory=list)
-    n_ready: int = 0
-    had_grad: list = field(default_factory=list)  # per parameter, for this round
-    work: Optional[object] = None
-
 
 class SyncDataParallel(nn.Module):
     """Wrap ``module`` for synchronous data-parallel training over ``torch.distributed``.
@@ -90,7 +60,8 @@ class SyncDataParallel(nn.Module):
             all-reduce starts early in backward, as DDP does.
         broadcast_buffers: broadcast buffers (e.g. BatchNorm statistics) from rank 0 before every
             training-mode forward, as DDP does.
-        optimizer: a trainpatterns fused optimizer over these parameters. When given, ``backward()``
+        optimizer: a trainpatterns fused optimizer over these parameters (any optimizer with the
+            ``trainpatterns.optim.SupportsStepSubset`` protocol). When given, ``backward()``
             also steps it, bucket by bucket, as soon as each bucket's all-reduce completes (the
             update overlaps the remaining communication): do not call ``optimizer.step()`` yourself.
             Not with ``max_grad_norm`` (it needs every gradient first).
@@ -114,7 +85,7 @@ class SyncDataParallel(nn.Module):
             raise TypeError(f"SyncDataParallel wraps an nn.Module, got {type(module).__name__}")
         if not bucket_mb > 0 or not first_bucket_mb > 0:
             raise ValueError(f"bucket_mb and first_bucket_mb must be > 0, got {bucket_mb} and {first_bucket_mb}")
-        if compress not in _WIRE_DTYPES:
+        if compress not in WIRE_DTYPES:
             raise ValueError(f"compress must be None, 'bf16' or 'fp16', got {compress!r}")
         self.module = module
         self.compress = compress
@@ -145,7 +116,8 @@ class SyncDataParallel(nn.Module):
         self._ring = self._pick_ring(p2p_ring, devices)
         self._check_same_model(named)
         self._broadcast([p.detach() for _, p in named] + list(module.buffers()))
-        self._buckets = self._make_buckets(trainable)
+        self._buckets = make_buckets(trainable, int(self.first_bucket_mb * MIB), int(self.bucket_mb * MIB),
+                                     WIRE_DTYPES[compress])
         self._sync = True
         self._sync_backward = True  # what the last forward decided
         self._round_open = False  # a backward with synchronisation is in progress
@@ -183,7 +155,7 @@ class SyncDataParallel(nn.Module):
         """Copy rank 0's values into ``tensors`` on every rank, a few coalesced broadcasts."""
         if not self._distributed or self.world_size == 1 or not tensors:
             return
-        cap = max(1, int(self.bucket_mb * _MIB))
+        cap = max(1, int(self.bucket_mb * MIB))
         groups: dict = {}
         for t in tensors:
             groups.setdefault((t.dtype, t.device), []).append(t)
@@ -193,45 +165,6 @@ class SyncDataParallel(nn.Module):
                 dist.broadcast(flat, src=self._src, group=self._group)
                 for t, piece in zip(chunk, flat.split([t.numel() for t in chunk])):
                     t.copy_(piece.view_as(t))
-
-    def _make_buckets(self, trainable: list) -> list:
-        """Reverse registration order, split by dtype and size: the same on every rank."""
-        cap_first = int(self.first_bucket_mb * _MIB)
-        cap = int(self.bucket_mb * _MIB)
-        groups: list = []
-        size, full = 0, False
-        for name, p in reversed(trainable):
-            # As DDP: a bucket closes once it reaches its cap (the parameter that crosses it stays in).
-            if not groups or full or groups[-1][0][1].dtype != p.dtype:
-                groups.append([])
-                size, full = 0, False
-            groups[-1].append((name, p))
-            size += p.numel() * p.element_size()
-            full = size >= (cap_first if len(groups) == 1 else cap)
-        return [self._make_bucket(i, g) for i, g in enumerate(groups)]
-
-    def _make_bucket(self, index: int, members: list) -> _Bucket:
-        names = [n for n, _ in members]
-        params = [p for _, p in members]
-        offsets, off = [], 0
-        for p in params:
-            offsets.append(off)
-            off = _align(off + p.numel())
-        flag_off = off
-        n = len(params)
-        dtype, device = params[0].dtype, params[0].device
-        flat = torch.zeros(flag_off + n, dtype=dtype, device=device)
-        wire_dtype = _WIRE_DTYPES[self.compress] or dtype
-        wire = flat if wire_dtype == dtype else torch.zeros(flat.numel(), dtype=wire_dtype, device=device)
-        views = [flat[o:o + p.numel()].view(p.shape) for o, p in zip(offsets, params)]
-        flags = flat[flag_off:]
-        numels = [p.numel() for p in params] + [n]
-        pack_table = _kernels.make_bucket_table(numels, offsets + [flag_off], dtype, device)
-        unpack_table = None
-        if wire is not flat:
-            unpack_table = _kernels.make_bucket_table([flat.numel()], [0], dtype, device, [flat])
-        return _Bucket(index, params, names, flat, wire, views, flags, pack_table, unpack_table,
-                       [False] * n, 0, [False] * n)
 
     def _pick_ring(self, p2p_ring: Optional[bool], devices: set):
         """The ring that sums compressed buckets, or None for ``dist.all_reduce`` (see ``p2p_ring``)."""
@@ -248,9 +181,7 @@ class SyncDataParallel(nn.Module):
         return ring_for(self._group)
 
     def _attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        from ..optim import _FusedOptimizer
-
-        if not isinstance(optimizer, _FusedOptimizer):
+        if not isinstance(optimizer, SupportsStepSubset):
             raise TypeError(f"optimizer= needs a trainpatterns fused optimizer (FusedAdamW, FusedAdam, FusedSGD, "
                             f"FusedAdagrad), got {type(optimizer).__name__}")
         if optimizer.max_grad_norm is not None:
@@ -348,7 +279,7 @@ class SyncDataParallel(nn.Module):
             b.work = None
         torch.autograd.Variable._execution_engine.queue_callback(self._finish_round)
 
-    def _launch(self, b: _Bucket) -> None:
+    def _launch(self, b: GradBucket) -> None:
         """Pack (copy what is not a view yet, zeros where absent, scale, cast) and start the all-reduce."""
         tensors = []
         for k, (p, view) in enumerate(zip(b.params, b.views)):
@@ -369,9 +300,9 @@ class SyncDataParallel(nn.Module):
         _kernels.bucket_pack(b.pack_table, b.wire, 1.0 / self.world_size)
         b.pack_table.release()
         # A gradient that was copied in gives way to its slot now, not after the all-reduce: it is freed
-        # while backward runs and the next layers' gradients reuse its memory. (Holding them all to the
-        # end of backward let the allocator return about the model's size to the OS and fault it back
-        # in every step: ~40k page faults and ~10% of a GPT-50M step on 2 CPU cores.)
+        # while backward runs and the next layers' gradients reuse its memory. Held to the end of
+        # backward, they would let the allocator return about the model's size to the OS and fault it
+        # back in every step.
         for k, (p, view) in enumerate(zip(b.params, b.views)):
             if b.had_grad[k] and p.grad is not view:
                 p.grad = view
@@ -384,7 +315,7 @@ class SyncDataParallel(nn.Module):
             except Exception as e:
                 raise self._comm_error(b, e) from e
 
-    def _checked_stray(self, b: _Bucket, k: int, g: torch.Tensor) -> torch.Tensor:
+    def _checked_stray(self, b: GradBucket, k: int, g: torch.Tensor) -> torch.Tensor:
         """A gradient that is not the bucket view (first step, or after zero_grad(set_to_none=True))."""
         if g.layout is not torch.strided:
             raise RuntimeError(f"parameter {b.names[k]!r}: sparse gradients cannot be all-reduced by SyncDataParallel "
@@ -406,7 +337,7 @@ class SyncDataParallel(nn.Module):
             self._complete(b)
         self._round_open = False
 
-    def _wait(self, b: _Bucket) -> None:
+    def _wait(self, b: GradBucket) -> None:
         """Wait for bucket b's all-reduce, if one is in flight (it is forgotten either way)."""
         work, b.work = b.work, None
         if work is not None:
@@ -415,7 +346,7 @@ class SyncDataParallel(nn.Module):
             except Exception as e:
                 raise self._comm_error(b, e) from e
 
-    def _complete(self, b: _Bucket) -> None:
+    def _complete(self, b: GradBucket) -> None:
         self._wait(b)
         if b.unpack_table is not None:
             _kernels.bucket_unpack(b.unpack_table, b.wire, 1.0)
@@ -433,7 +364,7 @@ class SyncDataParallel(nn.Module):
         if self._optimizer is not None:
             self._optimizer.step_subset(b.params)
 
-    def _comm_error(self, b: _Bucket, e: Exception) -> RuntimeError:
+    def _comm_error(self, b: GradBucket, e: Exception) -> RuntimeError:
         return RuntimeError(
             f"SyncDataParallel: the all-reduce of gradient bucket {b.index} ({len(b.params)} parameters, first "
             f"{b.names[0]!r}) failed on rank {self.rank} of {self.world_size}: {type(e).__name__}: {e}. Another rank "
