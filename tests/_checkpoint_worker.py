@@ -127,8 +127,8 @@ def exit_during_save(directory):
         return real(*args, **kwargs)
 
     _format.write_safetensors = slow
-    import trainpatterns.checkpoint.manager as manager
-    manager.write_safetensors = slow
+    import trainpatterns.checkpoint.writer as writer
+    writer.write_safetensors = slow
     mgr = CheckpointManager(directory)
     mgr.save({"w": torch.arange(1000.0), "n": 7}, 7)
     print("returned", flush=True)

@@ -24,7 +24,7 @@ import torch
 
 import trainpatterns as tp
 from trainpatterns.checkpoint import CheckpointError, CheckpointManager, VirtualEpochs, load_weights
-from trainpatterns.checkpoint import _format, manager as manager_mod
+from trainpatterns.checkpoint import _format, writer as writer_mod
 
 from _ranks import run_ranks
 
@@ -483,7 +483,7 @@ class SlowWriter:
         self.real = _format.write_safetensors
         self.delay, self.fail_with = delay, fail_with
         self.active = self.max_active = 0
-        monkeypatch.setattr(manager_mod, "write_safetensors", self)
+        monkeypatch.setattr(writer_mod, "write_safetensors", self)
 
     def __call__(self, *args, **kwargs):
         self.active += 1

@@ -3,10 +3,12 @@
 ``CheckpointManager`` saves modules, optimizers, LR schedulers, GradScalers, loaders (anything with
 ``state_dict()``/``load_state_dict()``), plain values and every RNG state; ``VirtualEpochs`` plans
 checkpoints by examples instead of passes over the data; ``load_weights`` warm-starts a module.
-The format (safetensors + JSON, no pickle) is described in ``_format`` and ``manager``.
+The manager (API, retention) delegates to the writer (background saves) and the reader (verified
+loads); the format (safetensors + JSON, no pickle) is described in ``_format``.
 """
 from ._format import CheckpointError
-from .manager import CheckpointInfo, CheckpointManager, load_weights
+from .manager import CheckpointInfo, CheckpointManager
+from .reader import load_weights
 from .virtual_epochs import VirtualEpoch, VirtualEpochs
 
 __all__ = ["CheckpointManager", "CheckpointInfo", "CheckpointError", "VirtualEpochs", "VirtualEpoch", "load_weights"]

@@ -1,54 +1,35 @@
 """CheckpointManager: save and restore the full training state, atomically, checksummed, in the background.
 
-One directory per checkpoint, ``<directory>/step_00001234/``::
-
-    manifest.json            written last: step, metrics, world size, size + CRC-32 of every file
-    state.json               structure of the replicated entries (JSON, tensors by reference)
-    <entry>.safetensors      one per replicated entry with tensors; a module's tensors are named by
-                             its state_dict keys, so ``model.safetensors`` is a plain weights file
-    rank_00000.json          per-rank structure: RNG states and per-rank entries (loaders, ...)
-    rank_00000.safetensors   their tensors
-
-A checkpoint is written under ``.tmp-step_...``; every file and the directory are fsynced, then it is
-renamed into place and the parent directory is fsynced, so it appears whole or not at all. Leftover
-``.tmp-*`` directories (from a killed process) are removed when a manager is created.
-
-Save path: the caller's thread calls ``state_dict()`` on every entry, encodes the structure to JSON
-and copies the tensors into reused host buffers (pinned, with non-blocking copies, for CUDA tensors);
-one background thread writes, hashes, fsyncs and commits. Nothing in the checkpoint is unpickled at
-load (see ``_format``).
+The manager is the public face of the package: it checks what it is given, coordinates the ranks
+of a distributed job, and decides which checkpoints to keep. The work is done elsewhere: the
+writer (``writer``) snapshots the state and writes, seals and commits a checkpoint in the
+background; the reader (``reader``) verifies a checkpoint and loads it; the on-disk format is in
+``_format``. Leftover ``.tmp-*`` directories (from a killed process) are removed when a manager is
+created.
 """
 from __future__ import annotations
 
 import atexit
-import json
 import math
 import os
-import re
 import shutil
 import sys
-import threading
 import time
 import warnings
 import weakref
-import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Union
 
 import numpy as np
 import torch
 
-from ._format import (CheckpointError, DeferredSync, TensorSink, crc32, decode_tree, encode_tree, fsync_dir, read_json_file,
-                      read_safetensors, write_json_file, write_safetensors)
-from ._rng import capture_rng, restore_rng
+from .._world import rank_and_world
+from ._format import STEP_DIR, TMP_PREFIX, CheckpointError, TensorSink, decode_tree, encode_tree, step_dir
+from .reader import Loaded, apply_loaded, check_files, load_weights, read_manifest, try_load
+from .writer import CheckpointWriter, HostPool, Job
 
 __all__ = ["CheckpointManager", "CheckpointInfo", "CheckpointError", "load_weights"]
 
-FORMAT = "trainpatterns.checkpoint"
-VERSION = 1
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,100}$")
-_RESERVED = re.compile(r"^(manifest|state|rank_\d+|entry_\d+)$")  # names of our own files
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -62,35 +43,6 @@ class CheckpointInfo:
     path: str
     valid: bool
     problem: Optional[str] = None
-
-
-# --------------------------------------------------------------------------------------------------
-# what kind of thing an entry is
-
-def _is_stateful(obj: Any) -> bool:
-    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
-
-
-def _kind(obj: Any) -> str:
-    if not _is_stateful(obj):
-        return "value"
-    if isinstance(obj, torch.nn.Module):
-        return "module"
-    if isinstance(obj, torch.optim.Optimizer):
-        return "optimizer"
-    if isinstance(obj, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)):
-        return "lr_scheduler"
-    if isinstance(obj, torch.amp.GradScaler):
-        return "grad_scaler"
-    return "stateful"
-
-
-def _dist() -> tuple[int, int]:
-    """(rank, world size); (0, 1) when torch.distributed is not initialised."""
-    d = torch.distributed
-    if d.is_available() and d.is_initialized():
-        return d.get_rank(), d.get_world_size()
-    return 0, 1
 
 
 def _collective_device() -> torch.device:
@@ -144,47 +96,14 @@ def _metric_value(info: CheckpointInfo, metric: str) -> Optional[float]:
     return float(v)
 
 
-# --------------------------------------------------------------------------------------------------
-# the snapshot handed to the writer thread
-
-@dataclass
-class _Job:
-    step: int
-    metrics: dict
-    tmp: str
-    final: str
-    files: list  # (file name, "json" | "safetensors", payload, metadata)
-    events: list = field(default_factory=list)  # CUDA events that mark the host copies complete
-    rank: int = 0
-    world: int = 1
-
-
-class _HostPool:
-    """Host buffers reused across saves, keyed by (file, tensor name): repeated saves of the same
-    state allocate nothing. Buffers for CUDA tensors are pinned so the copy can be asynchronous.
-    Only one write is in flight at a time, so one buffer per key is enough."""
-
-    def __init__(self) -> None:
-        self._bufs: dict[tuple, torch.Tensor] = {}
-        self._pinned: dict[tuple, bool] = {}  # tracked here: Tensor.is_pinned() can start CUDA
-        self._used: set = set()
-
-    def get(self, key: tuple, like: torch.Tensor) -> torch.Tensor:
-        self._used.add(key)
-        buf = self._bufs.get(key)
-        pin = like.is_cuda
-        if buf is None or buf.dtype != like.dtype or buf.shape != like.shape or self._pinned[key] != pin:
-            buf = torch.empty(like.shape, dtype=like.dtype, pin_memory=pin)
-            self._bufs[key] = buf
-            self._pinned[key] = pin
-        return buf
-
-    def trim(self) -> None:
-        """Drop buffers the last save did not use (the state's structure changed)."""
-        for key in list(self._bufs):
-            if key not in self._used:
-                del self._bufs[key], self._pinned[key]
-        self._used = set()
+def _remove_checkpoint(path: str) -> None:
+    """Rename out of sight first, so no reader ever sees a half-deleted checkpoint."""
+    gone = os.path.join(os.path.dirname(path), TMP_PREFIX + "del-" + os.path.basename(path))
+    try:
+        os.rename(path, gone)
+    except OSError:
+        return
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 _managers: "weakref.WeakSet[CheckpointManager]" = weakref.WeakSet()
@@ -248,11 +167,10 @@ class CheckpointManager:
         self.rng = bool(rng)
         self.per_rank = None if per_rank is None else frozenset(per_rank)
         self.timeout = float(timeout)
-        self._pool = _HostPool()
-        self._thread: Optional[threading.Thread] = None
-        self._error: Optional[BaseException] = None
+        self._pool = HostPool()
+        self._writer = CheckpointWriter(self._pool)
         self._restored_from: Optional[str] = None
-        rank, world = _dist()
+        rank, world = rank_and_world()
         if rank == 0:
             try:
                 os.makedirs(self.directory, exist_ok=True)
@@ -280,17 +198,12 @@ class CheckpointManager:
         step = int(step)
         metrics = _metrics_json(metrics)
         self._check_state(state)
-        rank, world = _dist()
-        final = os.path.join(self.directory, f"step_{step:08d}")
-        if os.path.exists(final):
-            self._move_aside_if_bad(final, rank)
-        job = self._snapshot(state, step, metrics, final, rank, world)
-        if self.async_save:
-            self._thread = threading.Thread(target=self._run, args=(job,), name="trainpatterns-checkpoint",
-                                            daemon=True)
-            self._thread.start()
-        else:
-            self._write(job)
+        rank, world = rank_and_world()
+        job = Job(step=step, metrics=metrics, directory=self.directory, rank=rank, world=world, timeout=self.timeout)
+        if os.path.exists(job.final):
+            self._move_aside_if_bad(job.final, rank)
+        self._writer.snapshot(job, state, rng=self.rng, per_rank=self.per_rank, async_save=self.async_save)
+        self._writer.submit(job, self._apply_retention, background=self.async_save)
 
     def wait(self) -> None:
         """Block until the pending background write (if any) is committed; raise its error if it failed."""
@@ -313,11 +226,11 @@ class CheckpointManager:
         out = []
         for step, path in self._step_dirs():
             try:
-                manifest = _read_manifest(path)
+                manifest = read_manifest(path)
             except CheckpointError as e:
                 out.append(CheckpointInfo(step, {}, path, False, str(e)))
                 continue
-            problem = _check_files(path, manifest, verify)
+            problem = check_files(path, manifest, verify)
             metrics = {k: decode_tree(v, {}) for k, v in manifest.get("metrics", {}).items()}
             out.append(CheckpointInfo(step, metrics, path, problem is None, problem))
         return out
@@ -344,28 +257,17 @@ class CheckpointManager:
         self._check_state(state)
         if which == "best" and not self.metric:  # checked on every rank, before any collective
             raise ValueError("restore('best') needs the manager's metric= to rank checkpoints by")
-        rank, world = _dist()
+        rank, world = rank_and_world()
         if which in ("latest", "best"):
             steps = self._ranked_steps(which) if rank == 0 else []
             if world > 1:
                 steps = _broadcast_steps(steps)
             if not steps:
                 return None
-            for step in steps:
-                path = os.path.join(self.directory, f"step_{step:08d}")
-                loaded, err = _try_load(path, rank)
-                ok = loaded is not None if world == 1 else _all_ok(loaded is not None)
-                if ok:
-                    return self._apply(state, loaded, path)
-                warnings.warn(f"checkpoint {path} is unusable, trying an older one: "
-                              f"{err or 'another rank could not read it'}", RuntimeWarning, stacklevel=2)
-            raise CheckpointError(f"no usable checkpoint in {self.directory}: all {len(steps)} failed their checks")
-        path = self._resolve(which)
-        loaded, err = _try_load(path, rank)
-        if world > 1 and not _all_ok(loaded is not None):
-            raise CheckpointError(f"checkpoint {path} cannot be restored: {err or 'another rank could not read it'}")
-        if loaded is None:
-            raise CheckpointError(f"checkpoint {path} cannot be restored: {err}")
+            loaded, path = self._load_first_usable(steps, rank, world)
+        else:
+            path = self._resolve(which)
+            loaded = self._load_on_every_rank(path, rank, world)
         return self._apply(state, loaded, path)
 
     def load_weights(self, module: torch.nn.Module, which: Union[str, int, PathLike] = "latest", *,
@@ -375,17 +277,15 @@ class CheckpointManager:
         :func:`load_weights`."""
         self._join()
         if which in ("latest", "best"):
-            for step in self._ranked_steps(which):
-                path = os.path.join(self.directory, f"step_{step:08d}")
-                try:
-                    return load_weights(module, path, key=key, strict=strict)
-                except CheckpointError as e:
-                    warnings.warn(f"checkpoint {path} is unusable, trying an older one: {e}", RuntimeWarning,
-                                  stacklevel=2)
-            raise CheckpointError(f"no usable checkpoint in {self.directory}")
+            return self._load_weights_first_usable(module, self._ranked_steps(which), key, strict)
         return load_weights(module, self._resolve(which), key=key, strict=strict)
 
-    # ----- saving ----------------------------------------------------------------------------
+    # ----- guards and hooks of save() --------------------------------------------------------
+    # Warnings raised here and in the restore hooks name the line that called the public method:
+    # their stacklevel counts the frames in between.
+
+    def _join(self) -> None:
+        self._writer.join()
 
     def _check_state(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping):
@@ -399,7 +299,7 @@ class CheckpointManager:
         that fell back past it reaches its step again) is renamed to ``<name>.corrupt-<time>``,
         kept for inspection, so the new one can take its place."""
         try:
-            problem = _check_files(final, _read_manifest(final), verify=False)
+            problem = check_files(final, read_manifest(final), verify=False)
         except CheckpointError as e:
             problem = str(e)
         if problem is None:
@@ -413,168 +313,11 @@ class CheckpointManager:
             except OSError as e:
                 raise CheckpointError(f"cannot move the unusable checkpoint {final} aside: {e.strerror or e}") from e
 
-    def _is_per_rank(self, name: str, kind: str) -> bool:
-        if self.per_rank is not None:
-            return name in self.per_rank
-        return kind == "stateful"
-
-    def _snapshot(self, state, step, metrics, final, rank, world) -> _Job:
-        """Run in the caller's thread: state_dict() everything, encode, copy tensors to host."""
-        shared_entries, rank_entries = {}, {}
-        shared_files: dict[str, TensorSink] = {}
-        rank_sink = TensorSink()
-        for i, (name, obj) in enumerate(state.items()):
-            kind = _kind(obj)
-            per_rank = self._is_per_rank(name, kind)
-            if rank != 0 and not per_rank:
-                continue  # replicated: rank 0 writes it
-            value = obj.state_dict() if kind != "value" else obj
-            where = f"state[{name!r}]"
-            if per_rank:
-                rank_entries[name] = {"kind": kind, "tree": encode_tree(value, rank_sink, where, (name,))}
-                continue
-            sink = TensorSink()
-            tree = encode_tree(value, sink, where)
-            fname = None
-            if sink.tensors:
-                # entry names are unique, and generated names are reserved, so file names are too
-                fname = f"{name}.safetensors" if _SAFE_NAME.match(name) and not _RESERVED.match(name) else f"entry_{i}.safetensors"
-                shared_files[fname] = sink
-            shared_entries[name] = {"kind": kind, "file": fname, "tree": tree}
-        rng_tree = encode_tree(capture_rng(), rank_sink, "rng", ("rng",)) if self.rng else None
-        rank_base = f"rank_{rank:05d}"
-        files = []
-        events: list = []
-        cuda_devices: set = set()
-        if rank == 0:
-            files.append(("state.json", "json", {"format": FORMAT, "version": VERSION, "entries": shared_entries}, None))
-        for fname, sink in shared_files.items():
-            files.append((fname, "safetensors", self._to_host(fname, sink.tensors, cuda_devices),
-                          {"format": FORMAT, "step": str(step)}))
-        rank_doc = {"format": FORMAT, "version": VERSION, "rank": rank, "rng": rng_tree, "entries": rank_entries,
-                    "file": f"{rank_base}.safetensors" if rank_sink.tensors else None}
-        files.append((f"{rank_base}.json", "json", rank_doc, None))
-        if rank_sink.tensors:
-            files.append((f"{rank_base}.safetensors", "safetensors",
-                          self._to_host(rank_base, rank_sink.tensors, cuda_devices),
-                          {"format": FORMAT, "step": str(step), "rank": str(rank)}))
-        for dev in sorted(cuda_devices):
-            with torch.cuda.device(dev):
-                ev = torch.cuda.Event()
-                ev.record()  # on the current stream, after the copies
-                events.append(ev)
-        self._pool.trim()
-        if not self.async_save and events:
-            for ev in events:
-                ev.synchronize()
-            events = []
-        tmp = os.path.join(self.directory, ".tmp-" + os.path.basename(final))
-        return _Job(step, metrics, tmp, final, files, events, rank, world)
-
-    def _to_host(self, fname: str, tensors: dict, cuda_devices: set) -> dict:
-        """Contiguous CPU tensors holding the bytes to write. Async: copies into pooled buffers
-        (the training thread may change the originals right after). Blocking: CPU tensors as they
-        are (the caller waits for the write), CUDA tensors copied to host."""
-        out = {}
-        for name, t in tensors.items():
-            t = t.detach()
-            if t.is_cuda:
-                cuda_devices.add(t.device.index)
-            if self.async_save or t.device.type != "cpu":
-                buf = self._pool.get((fname, name), t)
-                buf.copy_(t, non_blocking=t.is_cuda)
-                out[name] = buf
-            else:
-                out[name] = t if t.is_contiguous() else t.contiguous()
-        return out
-
-    def _run(self, job: _Job) -> None:
-        try:
-            self._write(job)
-        except BaseException as e:  # noqa: BLE001 - re-raised at the next save()/wait()
-            self._error = e
-
-    def _join(self) -> None:
-        t = self._thread
-        if t is not None:
-            t.join()
-            self._thread = None
-        err, self._error = self._error, None
-        if err is not None:
-            raise err
-
-    def _write(self, job: _Job) -> None:
-        """Write one checkpoint: files into the temporary directory, fsync, then (rank 0) commit."""
-        for ev in job.events:
-            ev.synchronize()
-        try:
-            os.makedirs(job.tmp, exist_ok=True)
-        except OSError as e:
-            raise CheckpointError(f"cannot create {job.tmp}: {e.strerror or e} (errno {e.errno}); "
-                                  "no checkpoint was written, earlier ones are untouched") from e
-        pending = DeferredSync()
-        try:
-            sums = {}
-            for fname, fmt, payload, metadata in job.files:
-                path = os.path.join(job.tmp, fname)
-                if fmt == "json":
-                    sums[fname] = write_json_file(path, payload, defer_sync=pending)
-                else:
-                    sums[fname] = write_safetensors(path, payload, metadata, defer_sync=pending)
-            pending.sync_all()  # every data file is durable before its sums or manifest exist
-            if job.rank != 0:
-                part = os.path.join(job.tmp, f"rank_{job.rank:05d}.sums.part")
-                write_json_file(part, {k: list(v) for k, v in sums.items()})
-                os.rename(part, os.path.join(job.tmp, f"rank_{job.rank:05d}.sums"))
-                return
-            if job.world > 1:
-                sums.update(self._gather_sums(job))
-            body = {"format": FORMAT, "version": VERSION, "step": job.step, "metrics": job.metrics,
-                    "world_size": job.world, "time": time.time(),
-                    "files": {k: {"size": s, "crc32": c} for k, (s, c) in sorted(sums.items())}}
-            write_json_file(os.path.join(job.tmp, "manifest.json"), _seal(body))
-            fsync_dir(job.tmp)
-            os.rename(job.tmp, job.final)
-            fsync_dir(self.directory)
-        except BaseException as e:
-            pending.close()
-            if job.rank == 0:
-                shutil.rmtree(job.tmp, ignore_errors=True)  # frees the space; it was never visible
-            else:
-                _tell_rank0(job, e)
-            if isinstance(e, OSError):
-                raise CheckpointError(f"saving step {job.step} to {self.directory} failed: {e.strerror or e} "
-                                      f"(errno {e.errno}); earlier checkpoints are untouched") from e
-            if isinstance(e, CheckpointError):
-                raise CheckpointError(f"saving step {job.step} failed: {e}; earlier checkpoints are untouched") from e
-            raise
-        self._apply_retention(job.final)
-
-    def _gather_sums(self, job: _Job) -> dict:
-        """Rank 0: wait for every other rank's file sums (they write ``rank_N.sums`` last)."""
-        out = {}
-        deadline = time.monotonic() + self.timeout
-        pause = 0.005
-        for r in range(1, job.world):
-            path = os.path.join(job.tmp, f"rank_{r:05d}.sums")
-            failed = os.path.join(job.tmp, f"rank_{r:05d}.failed")
-            while not os.path.exists(path):
-                if os.path.exists(failed):
-                    with open(failed, encoding="utf-8", errors="replace") as f:
-                        raise CheckpointError(f"rank {r} could not write step {job.step}: {f.read()}")
-                if time.monotonic() > deadline:
-                    raise CheckpointError(f"rank {r} did not finish writing step {job.step} within "
-                                          f"{self.timeout:g} s")
-                time.sleep(pause)
-                pause = min(pause * 2, 0.1)
-            for k, v in read_json_file(path).items():
-                out[k] = tuple(v)
-            os.remove(path)
-        return out
-
     # ----- retention -------------------------------------------------------------------------
 
     def _apply_retention(self, just_written: str) -> None:
+        """Run by the writer after each commit: keep the newest ``keep_last`` good checkpoints, the
+        best ``keep_best``, the one just written and the one restored from; remove the rest."""
         if self.keep_last is None:
             return
         infos = [i for i in self.list() if i.valid]
@@ -591,19 +334,24 @@ class CheckpointManager:
         scored.sort(key=lambda vi: (vi[0] if self.mode == "min" else -vi[0], -vi[1].step))
         return [i for _, i in scored]
 
-    # ----- restoring -------------------------------------------------------------------------
+    def _remove_leftovers(self) -> None:
+        for n in os.listdir(self.directory):
+            if n.startswith(TMP_PREFIX):
+                shutil.rmtree(os.path.join(self.directory, n), ignore_errors=True)
+
+    # ----- hooks of restore() and load_weights() ---------------------------------------------
 
     def _step_dirs(self) -> list[tuple[int, str]]:
         try:
             names = os.listdir(self.directory)
         except FileNotFoundError:
             return []
-        out = [(int(m.group(1)), os.path.join(self.directory, n)) for n in names if (m := _STEP_DIR.match(n))]
+        out = [(int(m.group(1)), os.path.join(self.directory, n)) for n in names if (m := STEP_DIR.match(n))]
         return sorted(out)
 
     def _ranked_steps(self, which: str) -> list[int]:
         """Steps to try for "latest" / "best", in order (checkpoints that are not even well-formed
-        are warned about here and skipped)."""
+        are warned about here and skipped). Called by the public methods themselves."""
         infos = self.list()
         for i in infos:
             if not i.valid:
@@ -617,7 +365,7 @@ class CheckpointManager:
 
     def _resolve(self, which: Union[int, PathLike]) -> str:
         if isinstance(which, (int, np.integer)) and not isinstance(which, bool):
-            path = os.path.join(self.directory, f"step_{int(which):08d}")
+            path = step_dir(self.directory, int(which))
         elif isinstance(which, (str, os.PathLike)):
             path = os.path.abspath(os.fspath(which))
         else:
@@ -626,193 +374,40 @@ class CheckpointManager:
             raise CheckpointError(f"no checkpoint at {path}")
         return path
 
-    def _apply(self, state: dict, loaded: "_Loaded", path: str) -> int:
-        entries = dict(loaded.shared)
-        entries.update(loaded.rank_entries)
-        missing = [n for n in state if n not in entries]
-        if missing:
-            raise CheckpointError(f"checkpoint {path} has no entry for {missing} (it holds {sorted(entries)}); "
-                                  "nothing was restored")
-        for name, obj in state.items():
-            saved_kind = entries[name]["kind"]
-            if (saved_kind == "value") != (_kind(obj) == "value"):
-                raise CheckpointError(f"state[{name!r}] is a {_kind(obj)} here but a {saved_kind} in {path}; "
-                                      "nothing was restored")
-        extra = sorted(set(entries) - set(state))
-        if extra:
-            warnings.warn(f"checkpoint {path} also holds {extra}, which state does not name: not restored",
-                          RuntimeWarning, stacklevel=3)
-        for name, obj in list(state.items()):
-            e = entries[name]
-            tensors = loaded.tensors_for(name)
-            where = f"{path}: state[{name!r}]"
-            if _kind(obj) == "value":
-                state[name] = decode_tree(e["tree"], tensors, obj, where)
-            else:
-                obj.load_state_dict(decode_tree(e["tree"], tensors, obj.state_dict(), where))
-        if self.rng:
-            if loaded.rng_tree is None:
-                warnings.warn(f"checkpoint {path} holds no RNG states (saved with rng=False): RNGs not restored",
-                              RuntimeWarning, stacklevel=3)
-            else:
-                restore_rng(decode_tree(loaded.rng_tree, loaded.rank_tensors, None, f"{path}: rng"))
+    def _load_first_usable(self, steps: list[int], rank: int, world: int) -> tuple[Loaded, str]:
+        """The first of ``steps`` every rank can read, loaded, and its path; unusable ones are warned
+        about and skipped."""
+        for step in steps:
+            path = step_dir(self.directory, step)
+            loaded, err = try_load(path, rank)
+            ok = loaded is not None if world == 1 else _all_ok(loaded is not None)
+            if ok:
+                return loaded, path
+            warnings.warn(f"checkpoint {path} is unusable, trying an older one: "
+                          f"{err or 'another rank could not read it'}", RuntimeWarning, stacklevel=3)
+        raise CheckpointError(f"no usable checkpoint in {self.directory}: all {len(steps)} failed their checks")
+
+    def _load_on_every_rank(self, path: str, rank: int, world: int) -> Loaded:
+        """Checkpoint ``path`` loaded, or CheckpointError if any rank cannot read it."""
+        loaded, err = try_load(path, rank)
+        if world > 1 and not _all_ok(loaded is not None):
+            raise CheckpointError(f"checkpoint {path} cannot be restored: {err or 'another rank could not read it'}")
+        if loaded is None:
+            raise CheckpointError(f"checkpoint {path} cannot be restored: {err}")
+        return loaded
+
+    def _apply(self, state: dict, loaded: Loaded, path: str) -> int:
+        step = apply_loaded(state, loaded, path, self.rng)
         self._restored_from = path
-        return loaded.step
+        return step
 
-    def _remove_leftovers(self) -> None:
-        for n in os.listdir(self.directory):
-            if n.startswith(".tmp-"):
-                shutil.rmtree(os.path.join(self.directory, n), ignore_errors=True)
-
-
-def _tell_rank0(job: _Job, error: BaseException) -> None:
-    """Best effort: leave the reason for rank 0, so it fails now instead of at its timeout."""
-    try:
-        with open(os.path.join(job.tmp, f"rank_{job.rank:05d}.failed"), "w", encoding="utf-8") as f:
-            f.write(str(error) or type(error).__name__)
-    except OSError:
-        pass
-
-
-# --------------------------------------------------------------------------------------------------
-# reading
-
-def _seal(body: dict) -> dict:
-    """The manifest with a CRC-32 of its own canonical JSON, so a damaged manifest is detected too."""
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return dict(body, crc32=zlib.crc32(text.encode("utf-8")))
-
-
-def _read_manifest(path: str) -> dict:
-    mpath = os.path.join(path, "manifest.json")
-    if not os.path.exists(mpath):
-        raise CheckpointError(f"{path} has no manifest.json (not a checkpoint, or not fully written)")
-    manifest = read_json_file(mpath)
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{mpath} is not a {FORMAT} manifest")
-    if manifest.get("version", 0) > VERSION:
-        raise CheckpointError(f"{mpath} has format version {manifest.get('version')}; this version reads {VERSION}")
-    body = {k: v for k, v in manifest.items() if k != "crc32"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    if zlib.crc32(text.encode("utf-8")) != manifest.get("crc32"):
-        raise CheckpointError(f"{mpath} fails its checksum: the manifest is corrupt")
-    return manifest
-
-
-def _check_files(path: str, manifest: dict, verify: bool) -> Optional[str]:
-    """None if every file of the manifest is present with its size (and checksum, with verify)."""
-    for fname, info in manifest["files"].items():
-        fpath = os.path.join(path, fname)
-        try:
-            size = os.path.getsize(fpath)
-        except OSError:
-            return f"{fpath} is missing"
-        if size != info["size"]:
-            return f"{fpath} is {size} bytes, the manifest says {info['size']}: truncated or overwritten"
-        if verify:
-            crc = 0
-            with open(fpath, "rb", buffering=0) as f:
-                while chunk := f.read(32 << 20):
-                    crc = crc32(chunk, crc)
-            if crc != info["crc32"]:
-                return f"{fpath} fails its checksum (CRC-32 {crc:08x}, manifest {info['crc32']:08x}): the file is corrupt"
-    return None
-
-
-@dataclass
-class _Loaded:
-    """A checkpoint read and verified for one rank, not yet applied."""
-
-    step: int
-    shared: dict  # name -> {"kind", "file", "tree"}
-    shared_tensors: dict  # file name -> {tensor name -> tensor}
-    rank_entries: dict
-    rank_tensors: dict
-    rng_tree: Any
-
-    def tensors_for(self, name: str) -> dict:
-        if name in self.rank_entries:
-            return self.rank_tensors
-        f = self.shared[name].get("file")
-        return self.shared_tensors.get(f, {}) if f else {}
-
-
-def _expected(manifest: dict, path: str, fname: str) -> tuple[int, int]:
-    info = manifest["files"].get(fname)
-    if info is None:
-        raise CheckpointError(f"{path}: {fname} is not in the manifest")
-    return info["size"], info["crc32"]
-
-
-def _load(path: str, rank: int) -> _Loaded:
-    manifest = _read_manifest(path)
-    world = manifest.get("world_size", 1)
-    if rank >= world:
-        raise CheckpointError(f"{path} was written by {world} rank(s): it holds no state for rank {rank}")
-    state_doc = read_json_file(os.path.join(path, "state.json"), _expected(manifest, path, "state.json"))
-    shared = state_doc["entries"]
-    shared_tensors = {}
-    for e in shared.values():
-        f = e.get("file")
-        if f:  # a module's tensors are copied into its parameters by load_state_dict: no copy here
-            shared_tensors[f], _ = read_safetensors(os.path.join(path, f), _expected(manifest, path, f),
-                                                    copy=e["kind"] != "module")
-    base = f"rank_{rank:05d}"
-    rank_doc = read_json_file(os.path.join(path, base + ".json"), _expected(manifest, path, base + ".json"))
-    rank_tensors = {}
-    if rank_doc.get("file"):
-        f = rank_doc["file"]
-        rank_tensors, _ = read_safetensors(os.path.join(path, f), _expected(manifest, path, f))
-    return _Loaded(int(manifest["step"]), shared, shared_tensors, rank_doc["entries"], rank_tensors, rank_doc.get("rng"))
-
-
-def _try_load(path: str, rank: int) -> tuple[Optional[_Loaded], Optional[str]]:
-    try:
-        return _load(path, rank), None
-    except CheckpointError as e:
-        return None, str(e)
-    except (KeyError, TypeError, ValueError) as e:
-        return None, f"{path} is malformed ({e!r})"
-
-
-def _remove_checkpoint(path: str) -> None:
-    """Rename out of sight first, so no reader ever sees a half-deleted checkpoint."""
-    gone = os.path.join(os.path.dirname(path), ".tmp-del-" + os.path.basename(path))
-    try:
-        os.rename(path, gone)
-    except OSError:
-        return
-    shutil.rmtree(gone, ignore_errors=True)
-
-
-def load_weights(module: torch.nn.Module, path: PathLike, *, key: Optional[str] = None, strict: bool = True):
-    """Load a module's weights from a checkpoint directory (or a ``.safetensors`` file) for a warm
-    start: no optimizer, RNG or loader state is touched. ``key`` names the entry when the checkpoint
-    holds several modules (default: the only one). ``strict`` as in ``Module.load_state_dict`` (use
-    ``strict=False`` after replacing a head). Checksums are verified. Returns what
-    ``load_state_dict`` returns (missing and unexpected keys)."""
-    if not isinstance(module, torch.nn.Module):
-        raise TypeError(f"load_weights needs a torch.nn.Module, got {type(module).__qualname__}")
-    path = os.path.abspath(os.fspath(path))
-    if os.path.isfile(path):
-        tensors, _ = read_safetensors(path, copy=False)
-        live = module.state_dict()
-        sd = {k: (t.to(live[k].device) if k in live else t) for k, t in tensors.items()}
-        return module.load_state_dict(sd, strict=strict)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"no checkpoint at {path}")
-    manifest = _read_manifest(path)
-    shared = read_json_file(os.path.join(path, "state.json"), _expected(manifest, path, "state.json"))["entries"]
-    modules = [n for n, e in shared.items() if e["kind"] == "module"]
-    if key is None:
-        if len(modules) != 1:
-            raise ValueError(f"{path} holds {len(modules)} modules {modules}: pass key= to choose one")
-        key = modules[0]
-    if key not in shared:
-        raise ValueError(f"{path} has no entry {key!r} (modules: {modules})")
-    e = shared[key]
-    tensors = {}
-    if e.get("file"):
-        tensors, _ = read_safetensors(os.path.join(path, e["file"]), _expected(manifest, path, e["file"]), copy=False)
-    sd = decode_tree(e["tree"], tensors, module.state_dict(), f"{path}: state[{key!r}]")
-    return module.load_state_dict(sd, strict=strict)
+    def _load_weights_first_usable(self, module: torch.nn.Module, steps: list[int], key: Optional[str],
+                                   strict: bool):
+        for step in steps:
+            path = step_dir(self.directory, step)
+            try:
+                return load_weights(module, path, key=key, strict=strict)
+            except CheckpointError as e:
+                warnings.warn(f"checkpoint {path} is unusable, trying an older one: {e}", RuntimeWarning,
+                              stacklevel=3)
+        raise CheckpointError(f"no usable checkpoint in {self.directory}")

@@ -1,0 +1,26 @@
+"""The on-disk format of a checkpoint: directory layout, JSON state trees, safetensors, checksums.
+
+Why our own code: a checkpoint must load without unpickling anything (so an untrusted one cannot run
+code), and the write must go straight from the host snapshot to the file (one pass, checksummed as it
+goes), and the read straight from the file into tensors (one copy, as ``torch.load``).
+
+- ``layout``: file names of a checkpoint directory, the sealed manifest, the kinds of entry
+- ``tree``: state trees as JSON, tensors replaced by references into safetensors files
+- ``safetensors``: the safetensors writer and reader
+- ``files``: create-only writes, fsync now or deferred, JSON files verified on read
+- ``checksum``: CRC-32 on a helper thread
+- ``errors``: :class:`CheckpointError`
+
+The writer and reader of ``trainpatterns.checkpoint`` import what they use from here.
+"""
+from .checksum import Crc32, crc32
+from .errors import CheckpointError
+from .files import DeferredSync, fsync_dir, read_json_file, write_json_file
+from .layout import (FORMAT, STEP_DIR, TMP_PREFIX, VERSION, entry_file, entry_kind, manifest_crc, rank_base, seal,
+                     step_dir)
+from .safetensors import read_safetensors, write_safetensors
+from .tree import TensorSink, decode_tree, encode_tree
+
+__all__ = ["CheckpointError", "crc32", "Crc32", "DeferredSync", "fsync_dir", "read_json_file", "write_json_file",
+           "read_safetensors", "write_safetensors", "TensorSink", "encode_tree", "decode_tree", "FORMAT", "VERSION",
+           "STEP_DIR", "TMP_PREFIX", "step_dir", "rank_base", "entry_file", "manifest_crc", "seal", "entry_kind"]
