@@ -7,7 +7,8 @@ per-sample Python and no worker process. On a GPU each batch is copied from pinn
 the device on a side stream, and the consumer's stream waits on that copy's event.
 
 ``device_prefetch`` gives any iterable of tensors (a torch DataLoader, say) the same overlapped
-host-to-device copies.
+host-to-device copies; it lives in ``_device_copy`` beside the side-stream stage both share and is
+re-exported here.
 
 Invariants the tests hold us to:
 
@@ -25,12 +26,14 @@ import os
 import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from . import _kernels
+from ._device_copy import DeviceStage, device_prefetch
+from ._loader_args import check_int, resolve_device
 
 __all__ = ["PrefetchLoader", "device_prefetch"]
 
@@ -42,76 +45,11 @@ def _default_threads() -> int:
     return max(1, min(4, (os.cpu_count() or 1) // 2))
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _resolve_device(device) -> torch.device:
-    dev = torch.device("cpu") if device is None else torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {dev} requested but torch.cuda.is_available() is False")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    elif dev.type != "cpu":
-        raise ValueError(f"device must be None, 'cpu' or a CUDA device, got {dev}")
-    return dev
-
-
 def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
     """The rows epoch ``epoch`` visits, in order (int64): a permutation drawn from (seed, epoch)."""
     if not shuffle:
         return np.arange(num_rows, dtype=np.int64)
     return np.random.Generator(np.random.PCG64([seed, epoch])).permutation(num_rows).astype(np.int64, copy=False)
-
-
-class _DeviceStage:
-    """Host-to-device copies on a side stream, handed to whichever stream the consumer runs on.
-
-    ``start`` enqueues the copies and records an event; ``hand`` makes the consumer's current
-    stream wait on that event (no host synchronisation) and marks the tensors as used there, so the
-    caching allocator does not recycle them while the consumer's work is queued. What a copy reads
-    (its ``payload``: the host tensors, staging buffers) stays referenced until the copy's event has
-    completed; ``reap`` returns the payloads that may be reused."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.stream = torch.cuda.Stream(device)
-        self.inflight: deque = deque()  # (event, payload) whose copy may still be running
-
-    def start(self, host: Sequence[torch.Tensor], payload: Any = None) -> tuple[list, Any]:
-        with torch.cuda.stream(self.stream):
-            dev = [h.to(self.device, non_blocking=True) for h in host]
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        self.inflight.append((event, (list(host), payload)))
-        return dev, event
-
-    def hand(self, dev: Sequence[torch.Tensor], event) -> list:
-        current = torch.cuda.current_stream(self.device)
-        current.wait_event(event)
-        for t in dev:
-            t.record_stream(current)
-        return list(dev)
-
-    def reap(self, block: bool = False) -> list:
-        """Payloads of the copies that are done; with ``block``, wait for the oldest one first."""
-        if block and self.inflight:
-            self.inflight[0][0].synchronize()
-        done = []
-        while self.inflight and self.inflight[0][0].query():
-            done.append(self.inflight.popleft()[1][1])
-        return done
-
-    def close(self) -> None:
-        """Wait for every copy still running (their events only) and drop what they read."""
-        for event, _ in self.inflight:
-            event.synchronize()
-        self.inflight.clear()
 
 
 class _Structure:
@@ -178,15 +116,15 @@ class PrefetchLoader:
                  drop_last: bool = False, prefetch: int = 2, num_threads: Optional[int] = None,
                  device: Union[None, str, torch.device] = None,
                  transform: Optional[Callable[[Any], Any]] = None, epochs: Optional[int] = 1):
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.prefetch = _check_int("prefetch", prefetch, 1)
-        self.num_threads = _default_threads() if num_threads is None else _check_int("num_threads", num_threads, 1)
-        self.seed = _check_int("seed", seed, 0)
-        self.epochs = None if epochs is None else _check_int("epochs", epochs, 1)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.prefetch = check_int("prefetch", prefetch, 1)
+        self.num_threads = _default_threads() if num_threads is None else check_int("num_threads", num_threads, 1)
+        self.seed = check_int("seed", seed, 0)
+        self.epochs = None if epochs is None else check_int("epochs", epochs, 1)
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable, got {type(transform).__name__}")
         self.shuffle, self.drop_last, self.transform = bool(shuffle), bool(drop_last), transform
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self._structure = _Structure(sources)
         self._sources = [_kernels.loader_source(n, a) for n, a in zip(self._structure.names, self._structure.arrays)]
         rows = {s.num_rows for s in self._sources}
@@ -218,7 +156,7 @@ class PrefetchLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Start the next iteration at the first batch of ``epoch`` (closes a running iteration)."""
-        epoch = _check_int("epoch", epoch, 0)
+        epoch = check_int("epoch", epoch, 0)
         self._stop_active()
         self._epoch, self._batch = epoch, 0
 
@@ -237,7 +175,7 @@ class PrefetchLoader:
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"loader state has {key}={state[key]!r} but this loader has "
                                  f"{getattr(self, key)!r}: resuming would not reproduce the batches")
-        seed, epoch, batch = (_check_int(k, state[k], 0) for k in ("seed", "epoch", "batch"))
+        seed, epoch, batch = (check_int(k, state[k], 0) for k in ("seed", "epoch", "batch"))
         if batch > len(self):
             raise ValueError(f"loader state batch={batch} exceeds the {len(self)} batches of an epoch")
         self._stop_active()
@@ -305,7 +243,7 @@ class _LoaderIterator:
         self._n = len(loader)
         self._closed = False
         self._native = None
-        self._stage: Optional[_DeviceStage] = None
+        self._stage: Optional[DeviceStage] = None
         self._copies: deque = deque()  # CUDA: (device tensors, event) copied ahead, not yet handed
         # Batches this iteration still hands out (None: endless); epochs pushed to the threads.
         if self._n == 0:
@@ -321,7 +259,7 @@ class _LoaderIterator:
             return
         external = ()
         if loader.device.type == "cuda":
-            self._stage = _DeviceStage(loader.device)
+            self._stage = DeviceStage(loader.device)
             external = loader._pinned_pool()
         self._native = _kernels.make_prefetcher(loader._sources, batch_size=loader.batch_size,
                                                 prefetch=loader.prefetch, num_threads=loader.num_threads,
@@ -438,107 +376,3 @@ def _push_epoch(native, num_rows: int, seed: int, epoch: int, shuffle: bool, dro
         if not native.closed:  # closed in the meantime: nobody waits for this epoch any more
             raise
 
-
-def _map_leaves(item, fn, is_leaf: Callable[[Any], bool]):
-    """Apply ``fn`` to every leaf of a (nested) dict / list / tuple / namedtuple; others pass through."""
-    if is_leaf(item):
-        return fn(item)
-    if isinstance(item, Mapping):
-        return {k: _map_leaves(v, fn, is_leaf) for k, v in item.items()}
-    if isinstance(item, tuple) and hasattr(item, "_fields"):  # namedtuple
-        return type(item)(*(_map_leaves(v, fn, is_leaf) for v in item))
-    if isinstance(item, (list, tuple)):
-        return type(item)(_map_leaves(v, fn, is_leaf) for v in item)
-    return item
-
-
-def _is_tensor(x) -> bool:
-    return isinstance(x, torch.Tensor)
-
-
-class _Slot(int):
-    """A tensor's position in an item's flat list (a leaf type no user item contains)."""
-
-
-class _PinnedPool:
-    """Reusable pinned staging buffers, in power-of-two size classes from 4 KiB, for tensors that
-    are not pinned already. A buffer comes back (``give_back``) only after its copy is done."""
-
-    def __init__(self):
-        self._free: dict = {}
-
-    def stage(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(a pinned copy of ``t``, the pool buffer holding it)."""
-        nbytes = t.numel() * t.element_size()
-        size = 1 << max(12, (max(nbytes, 1) - 1).bit_length())
-        free = self._free.get(size)
-        buf = free.pop() if free else torch.empty(size, dtype=torch.uint8, pin_memory=True)
-        view = buf[:nbytes].view(t.dtype).view(t.shape)
-        view.copy_(t)
-        return view, buf
-
-    def give_back(self, buffers: Iterable[torch.Tensor]) -> None:
-        for buf in buffers:
-            self._free.setdefault(buf.numel(), []).append(buf)
-
-
-def device_prefetch(iterable: Iterable, device: Union[str, torch.device], *, prefetch: int = 2) -> Iterator:
-    """Yield the items of ``iterable`` with their tensors on ``device``, copying ahead.
-
-    Items may be tensors or (nested) dicts / lists / tuples of them (what a DataLoader yields);
-    other leaves pass through. On CUDA, up to ``prefetch`` items are copied ahead on a side stream
-    (from the item's own memory when pinned, e.g. ``DataLoader(pin_memory=True)``, otherwise from
-    pooled pinned staging buffers, reused once their copy is done); each item is handed over by
-    making the consumer's current stream wait on its copy's event, never by synchronising the
-    device. On the CPU the items are yielded as they come (tensors moved to the CPU if needed).
-    """
-    dev = _resolve_device(device)
-    prefetch = _check_int("prefetch", prefetch, 1)
-    return _device_prefetch(iterable, dev, prefetch)
-
-
-def _device_prefetch(iterable: Iterable, dev: torch.device, prefetch: int) -> Iterator:
-    if dev.type == "cpu":
-        for item in iterable:
-            yield _map_leaves(item, lambda t: t.to(dev), _is_tensor)
-        return
-    stage = _DeviceStage(dev)
-    pool = _PinnedPool()
-    queue: deque = deque()  # (item with _Slot leaves, device tensors, event), copied ahead
-
-    def start(item) -> None:
-        host: list = []
-        buffers: list = []
-
-        def collect(t: torch.Tensor) -> _Slot:
-            if t.device.type == "cpu" and not t.is_pinned():
-                t, buf = pool.stage(t)
-                buffers.append(buf)
-            host.append(t)
-            return _Slot(len(host) - 1)
-
-        skeleton = _map_leaves(item, collect, _is_tensor)
-        dev_tensors, event = stage.start(host, payload=buffers)
-        queue.append((skeleton, dev_tensors, event))
-
-    it = iter(iterable)
-    try:
-        exhausted = False
-        while True:
-            while not exhausted and len(queue) < prefetch + 1:
-                try:
-                    item = next(it)
-                except StopIteration:
-                    exhausted = True
-                    break
-                start(item)
-            if not queue:
-                return
-            skeleton, dev_tensors, event = queue.popleft()
-            handed = stage.hand(dev_tensors, event)
-            for buffers in stage.reap():
-                pool.give_back(buffers)
-            yield _map_leaves(skeleton, lambda i: handed[i], lambda x: isinstance(x, _Slot))
-    finally:
-        queue.clear()
-        stage.close()

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._tree import to_device
+
 __all__ = [
     "overfit_check", "OverfitReport", "disable_regularization", "max_error", "interpolate",
     "InterpolationReport", "distillation_loss", "DistillationLoss", "distill",
@@ -132,16 +134,6 @@ def _clone_optimizer(optimizer: Any, source: nn.Module, work: nn.Module, lr: Opt
     raise TypeError(f"optimizer must be None, a torch optimizer or a factory, got {type(optimizer).__name__}")
 
 
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to_device(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    return obj
-
-
 def overfit_check(model: nn.Module, batch: Any, loss_fn: Callable, steps: int = 500,
                   target: Optional[float] = None, *, optimizer: Any = None, lr: Optional[float] = None,
                   classification: Optional[bool] = None) -> OverfitReport:
@@ -173,7 +165,7 @@ def overfit_check(model: nn.Module, batch: Any, loss_fn: Callable, steps: int = 
     if ref is None:
         raise ValueError("the model has no parameters: nothing to train")
     device = ref.device
-    x, y = _to_device(batch[0], device), _to_device(batch[1], device)
+    x, y = to_device(batch[0], device), to_device(batch[1], device)
     cuda_devices = sorted({p.device.index or 0 for p in work.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda_devices):
         opt = _clone_optimizer(optimizer, model, work, lr)
