@@ -11,8 +11,13 @@ Public API, re-exported here (each module documents its part):
 * ``trainpatterns.overfit``: ``overfit_check``, ``distill``, ``distillation_loss``.
 * ``trainpatterns.tuning``: ``create_study``, ``load_study``, ``Study``, ``Trial``, samplers, pruners.
 
-``torch`` is imported first so that the native module shares its OpenMP runtime.
+``torch`` is imported first so that the native module shares its OpenMP runtime. The tuning package
+is imported on first use of ``trainpatterns.tuning`` or one of its names here (it needs scipy, which
+a training run never uses), so ``import trainpatterns`` stays cheap.
 """
+import importlib
+from typing import Any
+
 import torch  # noqa: F401  (loads torch's OpenMP runtime before ours)
 
 from . import distributed, overfit, transfer
@@ -25,7 +30,6 @@ from .optim import FusedAdagrad, FusedAdam, FusedAdamW, FusedSGD
 from .overfit import distill, distillation_loss, overfit_check
 from .train import Trainer
 from .transfer import freeze, param_groups, unfreeze
-from .tuning import Study, Trial, create_study, load_study
 
 __version__ = "0.1.0"
 
@@ -66,3 +70,20 @@ __all__ = [
     "Study",
     "Trial",
 ]
+
+# Names served by __getattr__ below: the tuning package, and what it re-exports here.
+_LAZY_TUNING = ("tuning", "Study", "Trial", "create_study", "load_study")
+
+
+def __getattr__(name: str) -> Any:
+    """Import ``trainpatterns.tuning`` on first access of one of its names (PEP 562)."""
+    if name in _LAZY_TUNING:
+        tuning = importlib.import_module(".tuning", __name__)
+        value = tuning if name == "tuning" else getattr(tuning, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_LAZY_TUNING))

@@ -1,7 +1,7 @@
 """The Trainer's callback interface: hooks called at fixed points of ``Trainer.fit()``.
 
 It lives in its own module so that patterns written as callbacks (gradual unfreezing in
-``transfer.py``, say) do not import the training loop, and can be driven by any loop that calls the
+``trainpatterns.transfer``, say) do not import the training loop, and can be driven by any loop that calls the
 same hooks in the same order.
 
 Order inside ``fit()``::

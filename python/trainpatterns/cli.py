@@ -7,7 +7,10 @@ printing the loss as it falls; it needs no download and takes about a minute on 
 ``--data file.npz`` trains the same kind of MLP on the user's arrays (``x`` and ``y``, optionally
 ``x_val`` and ``y_val``; integer ``y`` means classification). ``--resume`` continues a run
 directory. ``overfit-check`` runs the one-batch overfit check on the job's model, ``plot RUN_DIR``
-draws the loss per virtual epoch with the best checkpoint marked (needs the ``plot`` extra).
+draws the loss per virtual epoch with the best checkpoint marked (needs the ``plot`` extra), and
+``tune`` (added by :mod:`trainpatterns.tuning.cli`) runs a tuning study on the built-in task. The jobs
+themselves (data, model, loss) are defined in :mod:`trainpatterns.pendulum`; this module parses the
+arguments and drives them.
 
 Bad input (missing or malformed data, shape mismatches, a run directory that holds another run or
 another model) ends with a one-line error on stderr and exit code 2, before anything is written.
@@ -23,11 +26,23 @@ import time
 from typing import Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from ._kernels import build_info
+from .callbacks import Callback
+from .checkpoint import VirtualEpochs
+from .distributed import init_from_env, shutdown
+from .optim import FusedAdamW
+from .overfit import overfit_check
+from .pendulum import DEFAULTS, Job, UsageError, pendulum_data
+from .train import Trainer, _first_line
+from .tuning.cli import register as _register_tune
+
+__all__ = ["DEFAULTS", "Job", "UsageError", "build_parser", "main", "pendulum_data"]
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from . import __version__, build_info
-
     info = build_info()
     info["torch"] = torch.__version__
     info["torch_cuda_available"] = torch.cuda.is_available()
@@ -40,138 +55,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"  CPU SIMD     : {info['simd']} (compiled: {', '.join(info['simd_compiled'])})")
     print(f"  OpenMP       : {'yes' if info['openmp'] else 'no'}")
     return 0
-
-
-def pendulum_data(n: int, t: float = 1.0, damping: float = 0.3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs (angle, angular velocity) uniform over [-pi, pi] x [-2, 2]; targets: the state after
-    time ``t`` of theta'' = -sin(theta) - damping * theta', integrated with RK4 (200 steps).
-    Deterministic and noise-free, so the best model interpolates it exactly."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 2, generator=g, dtype=torch.float64)
-    x[:, 0] = (x[:, 0] * 2 - 1) * math.pi
-    x[:, 1] = (x[:, 1] * 2 - 1) * 2.0
-
-    def deriv(s: torch.Tensor) -> torch.Tensor:
-        return torch.stack([s[:, 1], -torch.sin(s[:, 0]) - damping * s[:, 1]], dim=1)
-
-    s, steps = x.clone(), 200
-    h = t / steps
-    for _ in range(steps):
-        k1 = deriv(s)
-        k2 = deriv(s + h / 2 * k1)
-        k3 = deriv(s + h / 2 * k2)
-        k4 = deriv(s + h * k3)
-        s = s + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-    return x.float(), s.float()
-
-
-
-class UsageError(Exception):
-    """Bad input from the command line: reported as one line, exit code 2."""
-
-
-# ----- jobs: data and model --------------------------------------------------------------------
-
-DEFAULTS = dict(data=None, samples=8192, steps=1500, batch_size=256, lr=3e-3, hidden=128, checkpoints=10,
-                seed=0, interpolation=None)
-
-
-def _load_npz(path: str) -> dict:
-    import numpy as np
-
-    if not os.path.isfile(path):
-        raise UsageError(f"data file {path} not found")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception as e:  # zipfile.BadZipFile, ValueError (object arrays), OSError...
-        raise UsageError(f"{path} is not a readable .npz file of numeric arrays ({type(e).__name__}: {e})") from None
-    aliases = [("x", "y"), ("inputs", "targets"), ("X", "Y")]
-    pair = next(((a, b) for a, b in aliases if a in arrays and b in arrays), None)
-    if pair is None:
-        raise UsageError(f"{path} holds arrays {sorted(arrays)}: it needs 'x' and 'y' (inputs and targets)")
-    out = {"x": arrays[pair[0]], "y": arrays[pair[1]]}
-    if "x_val" in arrays or "y_val" in arrays:
-        if not ("x_val" in arrays and "y_val" in arrays):
-            raise UsageError(f"{path} has only one of 'x_val' and 'y_val'")
-        out["x_val"], out["y_val"] = arrays["x_val"], arrays["y_val"]
-    return out
-
-
-def _check_arrays(x, y, what: str) -> None:
-    import numpy as np
-
-    if x.ndim < 2:
-        raise UsageError(f"{what}x must have shape (rows, features...), got {x.shape}")
-    if x.shape[0] != y.shape[0]:
-        raise UsageError(f"{what}x has {x.shape[0]} rows but {what}y has {y.shape[0]}")
-    if x.shape[0] == 0:
-        raise UsageError(f"{what}x has no rows")
-    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
-        raise UsageError(f"{what}x must be real numbers, got dtype {x.dtype}")
-    if not (np.issubdtype(y.dtype, np.floating) or np.issubdtype(y.dtype, np.integer)):
-        raise UsageError(f"{what}y must be floats (regression) or integers (class labels), got dtype {y.dtype}")
-    if not np.isfinite(x).all() or (np.issubdtype(y.dtype, np.floating) and not np.isfinite(y).all()):
-        raise UsageError(f"{what}x or {what}y contains NaN or infinity")
-
-
-class Job:
-    """What ``train`` and ``overfit-check`` run: tensors, a model factory and the loss."""
-
-    def __init__(self, cfg: dict) -> None:
-        self.cfg = cfg
-        if cfg["data"] is None:
-            self.name = "pendulum"
-            x, y = pendulum_data(cfg["samples"], seed=cfg["seed"])
-            xv, yv = pendulum_data(max(cfg["samples"] // 8, 1), seed=cfg["seed"] + 1)
-            self.classes = None
-        else:
-            import numpy as np
-
-            self.name = os.path.splitext(os.path.basename(cfg["data"]))[0]
-            arrays = _load_npz(cfg["data"])
-            _check_arrays(arrays["x"], arrays["y"], "")
-            classification = np.issubdtype(arrays["y"].dtype, np.integer)
-            if classification and arrays["y"].ndim != 1:
-                raise UsageError(f"integer y (class labels) must be 1-D, got shape {arrays['y'].shape}")
-            if classification and arrays["y"].min() < 0:
-                raise UsageError("class labels in y must be >= 0")
-            if "x_val" in arrays:
-                _check_arrays(arrays["x_val"], arrays["y_val"], "val ")
-                if arrays["x_val"].shape[1:] != arrays["x"].shape[1:] or arrays["y_val"].shape[1:] != arrays["y"].shape[1:]:
-                    raise UsageError(f"x_val/y_val rows have shapes {arrays['x_val'].shape[1:]}/{arrays['y_val'].shape[1:]}"
-                                     f" but x/y rows {arrays['x'].shape[1:]}/{arrays['y'].shape[1:]}")
-                xs, ys, xv, yv = arrays["x"], arrays["y"], arrays["x_val"], arrays["y_val"]
-            else:  # hold out a tenth, seeded
-                n = arrays["x"].shape[0]
-                perm = np.random.default_rng(cfg["seed"]).permutation(n)
-                n_val = n // 10
-                xs, ys = arrays["x"][perm[n_val:]], arrays["y"][perm[n_val:]]
-                xv, yv = arrays["x"][perm[:n_val]], arrays["y"][perm[:n_val]]
-            to_y = (lambda a: torch.from_numpy(np.ascontiguousarray(a)).long()) if classification else (
-                lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)))
-            x = torch.from_numpy(np.ascontiguousarray(xs, dtype=np.float32))
-            y = to_y(ys)
-            xv = torch.from_numpy(np.ascontiguousarray(xv, dtype=np.float32)) if len(xv) else None
-            yv = to_y(yv) if xv is not None else None
-            self.classes = int(max(int(ys.max()), int(yv.max()) if yv is not None else 0)) + 1 if classification else None
-        self.x, self.y, self.x_val, self.y_val = x, y, xv, yv
-        self.loss_fn = torch.nn.CrossEntropyLoss() if self.classes else torch.nn.MSELoss()
-        self.loss_name = "loss" if self.classes else "mse"
-        default_interp = cfg["data"] is None  # the pendulum is noise-free and complete
-        self.interpolation = default_interp if cfg["interpolation"] is None else cfg["interpolation"]
-
-    def model(self) -> torch.nn.Module:
-        d_in = int(math.prod(self.x.shape[1:]))
-        d_out = self.classes or int(math.prod(self.y.shape[1:]) if self.y.dim() > 1 else 1)
-        h = self.cfg["hidden"]
-        layers = [torch.nn.Flatten(), torch.nn.Linear(d_in, h), torch.nn.Tanh(), torch.nn.Linear(h, h),
-                  torch.nn.Tanh(), torch.nn.Linear(h, d_out)]
-        if not self.classes and self.y.dim() == 1:
-            layers.append(torch.nn.Flatten(0))
-        elif not self.classes and self.y.dim() > 2:
-            layers.append(torch.nn.Unflatten(1, tuple(self.y.shape[1:])))
-        return torch.nn.Sequential(*layers)
 
 
 def _config(args: argparse.Namespace, saved: Optional[dict] = None) -> dict:
@@ -206,8 +89,6 @@ def _set_threads(args: argparse.Namespace, cfg: dict) -> None:
 
 def _print_line(text: str) -> None:
     """One line on stdout, through tqdm so a progress bar on stderr stays intact."""
-    from tqdm.auto import tqdm
-
     tqdm.write(text, file=sys.stdout)
     sys.stdout.flush()
 
@@ -215,8 +96,6 @@ def _print_line(text: str) -> None:
 def _join_torchrun() -> tuple[int, int]:
     """(rank, world size): under torchrun (WORLD_SIZE > 1) this process joins the job over gloo
     (the command trains on the CPU); a single process initialises nothing."""
-    from .distributed import init_from_env
-
     info = init_from_env("gloo")
     return info.rank, info.world_size
 
@@ -231,8 +110,6 @@ def _agree(rank0_value, world: int):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .distributed import shutdown
-
     rank, world = _join_torchrun()
     try:
         code = _train(args, rank, world)
@@ -248,11 +125,6 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> int:
     """`trainpatterns train` on one rank of ``world`` (under torchrun every rank runs this, on its
     shard of the data: the Trainer wraps the model in SyncDataParallel; rank 0 decides the run
     directory, writes config.json and prints)."""
-    from .callbacks import Callback
-    from .checkpoint import VirtualEpochs
-    from .optim import FusedAdamW
-    from .train import Trainer
-
     say = print if rank == 0 else (lambda *a, **k: None)
 
     saved = None
@@ -337,8 +209,6 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> int:
 # ----- overfit-check -------------------------------------------------------------------------------
 
 def _cmd_overfit_check(args: argparse.Namespace) -> int:
-    from .overfit import overfit_check
-
     cfg = _config(args)
     _set_threads(args, cfg)
     torch.manual_seed(cfg["seed"])
@@ -455,7 +325,6 @@ def build_parser() -> argparse.ArgumentParser:
     p_plot.add_argument("run_dir", metavar="RUN_DIR")
     p_plot.add_argument("--out", metavar="FILE.png", help="default RUN_DIR/loss.png")
     p_plot.set_defaults(func=_cmd_plot)
-    from .tuning.cli import register as _register_tune  # issue 7: `trainpatterns tune`
     _register_tune(sub)
     return parser
 
@@ -468,8 +337,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"trainpatterns {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # the library's clear errors (a checkpoint for another model, bad shapes)
-        text = str(e).strip().splitlines()
-        print(f"trainpatterns {args.command}: error: {text[0] if text else type(e).__name__}", file=sys.stderr)
+        print(f"trainpatterns {args.command}: error: {_first_line(e)}", file=sys.stderr)
         return 2
 
 

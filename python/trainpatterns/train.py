@@ -26,70 +26,27 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from ._train_data import batch_rows, is_array_data, num_rows, shard
+from ._tree import to_device
+from ._world import rank_and_world
 from .callbacks import Callback
+from .checkpoint import CheckpointError, CheckpointManager, VirtualEpochs
+from .data import PrefetchLoader
+from .distributed import SyncDataParallel
+from .optim import FusedAdamW
+from .overfit import disable_regularization, max_error
 
 __all__ = ["Trainer"]
 
-_ARRAY_TYPES = (np.ndarray, torch.Tensor)
-
-
-def _is_array_data(data: Any) -> bool:
-    """A tensor/array, or a tuple/list/dict of them: what the PrefetchLoader takes."""
-    if isinstance(data, _ARRAY_TYPES):
-        return True
-    if isinstance(data, (tuple, list)) and data and all(isinstance(a, _ARRAY_TYPES) for a in data):
-        return True
-    if isinstance(data, Mapping) and data and all(isinstance(a, _ARRAY_TYPES) for a in data.values()):
-        return True
-    return False
-
-
-def _rows(data: Any) -> int:
-    if isinstance(data, _ARRAY_TYPES):
-        return int(data.shape[0])
-    arrays = list(data.values()) if isinstance(data, Mapping) else list(data)
-    counts = {int(a.shape[0]) if a.ndim > 0 else -1 for a in arrays}
-    if len(counts) != 1 or -1 in counts:
-        raise ValueError(f"the arrays of the data have different numbers of rows: "
-                         f"{[tuple(a.shape) for a in arrays]}")
-    return counts.pop()
-
-
-def _shard(data: Any, rank: int, world: int) -> Any:
-    """Rank ``rank``'s contiguous block of rows (a contiguous view, as the loader needs)."""
-    n = _rows(data)
-    lo, hi = n * rank // world, n * (rank + 1) // world
-    if isinstance(data, _ARRAY_TYPES):
-        return data[lo:hi]
-    if isinstance(data, Mapping):
-        return {k: a[lo:hi] for k, a in data.items()}
-    return type(data)(a[lo:hi] for a in data)
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to_device(o, device) for o in obj)
-    if isinstance(obj, Mapping):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    return obj
-
-
-def _batch_rows(batch: Any) -> int:
-    first = batch
-    while isinstance(first, (tuple, list, Mapping)):
-        first = next(iter(first.values())) if isinstance(first, Mapping) else first[0]
-    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 0 else 1
-
-
 def _first_line(e: BaseException) -> str:
+    """The first line of ``e``'s message (its type name when the message is empty): what the
+    one-line error reports of the Trainer and the command line show."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
@@ -171,24 +128,20 @@ class Trainer:
         self.device = ref.device if ref is not None else torch.device("cpu")
 
         if optimizer is None:
-            from .optim import FusedAdamW
-
             optimizer = FusedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         self.optimizer = optimizer
         if self.interpolation:
-            from .overfit import disable_regularization
-
             disable_regularization(model, optimizer)
 
-        self.rank, self.world = self._dist()
-        self._array_train = _is_array_data(train_data)
+        self.rank, self.world = rank_and_world()
+        self._array_train = is_array_data(train_data)
         if self._array_train:
-            n = _rows(train_data)
+            n = num_rows(train_data)
             if n == 0:
                 raise ValueError("train_data has no rows")
         elif not isinstance(train_data, Iterable):
             raise TypeError(f"train_data must be array data or an iterable of batches, got {type(train_data).__name__}")
-        if val_data is not None and not _is_array_data(val_data) and not isinstance(val_data, Iterable):
+        if val_data is not None and not is_array_data(val_data) and not isinstance(val_data, Iterable):
             raise TypeError(f"val_data must be array data or an iterable of batches, got {type(val_data).__name__}")
         if plan is not None and batch_size is not None and plan.batch_size != batch_size:
             raise ValueError(f"batch_size {batch_size} differs from the plan's {plan.batch_size}")
@@ -198,44 +151,29 @@ class Trainer:
         if plan is None:
             if not self._array_train:
                 raise ValueError("an iterable train_data needs plan=VirtualEpochs(num_examples, batch_size, ...)")
-            from .checkpoint import VirtualEpochs
-
             plan = VirtualEpochs(n, self.batch_size, stop_point=10, num_checkpoints=10)
         self.plan = plan
         self.train_data = train_data
         self.val_data = val_data
         self.loader = None
         if self._array_train:
-            from .data import PrefetchLoader
-
-            shard = _shard(train_data, self.rank, self.world) if self.world > 1 else train_data
-            if _rows(shard) < self.batch_size:
-                raise ValueError(f"train_data has {_rows(shard)} rows per process, fewer than one batch of "
+            mine = shard(train_data, self.rank, self.world) if self.world > 1 else train_data
+            if num_rows(mine) < self.batch_size:
+                raise ValueError(f"train_data has {num_rows(mine)} rows per process, fewer than one batch of "
                                  f"{self.batch_size}")
-            self.loader = PrefetchLoader(shard, self.batch_size, shuffle=True, seed=seed, drop_last=True,
+            self.loader = PrefetchLoader(mine, self.batch_size, shuffle=True, seed=seed, drop_last=True,
                                          epochs=None, num_threads=num_threads, device=self._loader_device())
         self.model = self._wrap(model)
 
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         self.manager = None
+        self.metric = "val_loss" if val_data is not None else "train_loss"
         if self.checkpoint_dir is not None:
-            from .checkpoint import CheckpointManager
-
-            self.metric = "val_loss" if val_data is not None else "train_loss"
             self.manager = CheckpointManager(self.checkpoint_dir, keep_last=keep_last, keep_best=keep_best,
                                              metric=self.metric if keep_best else None, mode="min",
                                              async_save=async_save, per_rank=["loader"])
-        else:
-            self.metric = "val_loss" if val_data is not None else "train_loss"
 
     # ----- setup helpers -------------------------------------------------------------------------
-
-    @staticmethod
-    def _dist() -> tuple[int, int]:
-        d = torch.distributed
-        if d.is_available() and d.is_initialized():
-            return d.get_rank(), d.get_world_size()
-        return 0, 1
 
     def _loader_device(self):
         return self.device if self.device.type == "cuda" else None
@@ -244,8 +182,6 @@ class Trainer:
         """SyncDataParallel under torchrun (world size > 1), the model itself otherwise."""
         if self.world == 1:
             return model
-        from .distributed import SyncDataParallel
-
         return SyncDataParallel(model)
 
     def _state(self) -> dict:
@@ -288,13 +224,13 @@ class Trainer:
         """Endless training batches on the model's device."""
         if self.loader is not None:
             for batch in self.loader:
-                yield batch if self.loader.device is not None else _to_device(batch, self.device)
+                yield batch if self.loader.device is not None else to_device(batch, self.device, non_blocking=True)
             return
         while True:
             empty = True
             for batch in self.train_data:
                 empty = False
-                yield _to_device(batch, self.device)
+                yield to_device(batch, self.device, non_blocking=True)
             if empty:
                 raise ValueError("train_data yielded no batch")
 
@@ -303,8 +239,6 @@ class Trainer:
         A checkpoint that does not fit this model/optimizer raises ValueError (nothing is saved)."""
         if self.manager is None:
             return None
-        from .checkpoint import CheckpointError
-
         try:
             step = self.manager.restore(self._state())
         except CheckpointError as e:
@@ -346,7 +280,7 @@ class Trainer:
                     detached = loss.detach()
                     total += detached
                     count += 1
-                    rows += _batch_rows(batch)
+                    rows += batch_rows(batch)
                     self.step = step + 1
                     for cb in self.callbacks:
                         cb.on_step_end(self, self.step, detached)
@@ -415,7 +349,7 @@ class Trainer:
         try:
             with torch.no_grad():
                 for batch in self._eval_batches(data):
-                    n = _batch_rows(batch)
+                    n = batch_rows(batch)
                     total += float(self._loss(batch)) * n
                     rows += n
         finally:
@@ -425,21 +359,17 @@ class Trainer:
         return total / rows
 
     def _eval_batches(self, data: Any):
-        if _is_array_data(data):
-            from .data import PrefetchLoader
-
+        if is_array_data(data):
             with PrefetchLoader(data, max(self.batch_size, 1024), shuffle=False, num_threads=self.num_threads) as ld:
                 for batch in ld:
-                    yield _to_device(batch, self.device)
+                    yield to_device(batch, self.device, non_blocking=True)
         else:
             for batch in data:
-                yield _to_device(batch, self.device)
+                yield to_device(batch, self.device, non_blocking=True)
 
     def _train_max_error(self) -> float:
-        from .overfit import max_error
-
         data = self.train_data
-        if not (isinstance(data, (tuple, list)) and len(data) == 2 and _is_array_data(data)):
+        if not (isinstance(data, (tuple, list)) and len(data) == 2 and is_array_data(data)):
             raise ValueError("interpolation mode needs train_data as (inputs, targets) arrays for max_error")
         x, y = (torch.as_tensor(a) for a in data)
         return max_error(self.module, x, y)
@@ -480,8 +410,6 @@ class Trainer:
     def _progress_bar(self):
         if not self.progress or self.rank != 0:
             return None
-        from tqdm.auto import tqdm
-
         return tqdm(total=self.plan.total_steps, initial=self.plan.step, unit="step", dynamic_ncols=True,
                     desc="train", leave=True)
 
