@@ -14,7 +14,7 @@ import torch
 from trainpatterns.tuning import (ASHAPruner, CategoricalDistribution, FloatDistribution, GPSampler, GridSampler,
                                   IntDistribution, RandomSampler, TrialPruned, TrialState, create_study, load_study,
                                   param_importances)
-from trainpatterns.tuning.gp import GaussianProcess, _Encoder, _log_h, warp_outputs
+from trainpatterns.tuning.gp_model import GaussianProcess, _Encoder, _log_h, warp_outputs
 
 BRANIN_MIN = 0.397887357729738
 

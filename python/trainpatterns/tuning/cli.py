@@ -1,7 +1,7 @@
 """``trainpatterns tune``: a tuning study on the built-in task, with a line of progress per trial.
 
 The task is the one ``trainpatterns train`` runs (an MLP learning the damped pendulum's state after
-one second, ``trainpatterns.cli.pendulum_data``), trained here by a short FusedAdamW loop. The
+one second, ``trainpatterns.pendulum.pendulum_data``), trained here by a short FusedAdamW loop. The
 study tunes the learning rate, the width and depth of the MLP and its activation, minimising the
 validation MSE; with ``--pruner asha`` bad trials stop early. Each trial saves its model and
 optimizer state to ``trial.checkpoint_dir`` at every report and restores it when present, so a trial
@@ -19,9 +19,12 @@ from typing import Any
 
 import torch
 
+from ..optim import FusedAdamW
+from ..pendulum import pendulum_data
 from .asha import ASHAPruner
 from .gp import GPSampler
 from .grid import GridSampler
+from .plots import plot_optimization_history, plot_param_importances
 from .random import RandomSampler
 from .study import create_study
 from .trial import FrozenTrial, Trial, TrialPruned, TrialState
@@ -44,9 +47,6 @@ class PendulumObjective:
         self.reports, self.threads = reports, threads
 
     def __call__(self, trial: Trial) -> float:
-        from ..cli import pendulum_data
-        from ..optim import FusedAdamW
-
         if self.threads:
             torch.set_num_threads(self.threads)
         lr = trial.suggest_float("lr", 1e-4, 3e-2, log=True)
@@ -138,8 +138,6 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         best = study.best_trial
         print(f"best: trial {best.number}, validation mse {best.value:.4e}, params {best.params}")
     if args.plots:
-        from .plots import plot_optimization_history, plot_param_importances
-
         os.makedirs(args.plots, exist_ok=True)
         print("wrote", plot_optimization_history(study, os.path.join(args.plots, "history.png")))
         if len(done) >= 3:

@@ -10,13 +10,12 @@ mean anything, and it says which knobs the model thinks matter, not a causal tru
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
 from .base import intersection_search_space
-from .gp import GaussianProcess, _Encoder, blas_threads, sobol_points
+from .gp_model import GaussianProcess, _Encoder, blas_threads, sobol_points, standardise_or_centre
 from .space import CategoricalDistribution
 from .trial import TrialState
 
@@ -33,9 +32,7 @@ def param_importances(study: Any, *, levels: int = 16, samples: int = 256, seed:
                          f"study {study.study_name!r} has {len(done)} COMPLETE trial(s)")
     enc = _Encoder(space)
     x = np.array([enc.encode(t.params) for t in done], dtype=np.float64)
-    y = np.array([t.value for t in done], dtype=np.float64)
-    std = float(y.std())
-    y = (y - y.mean()) / (std if std > 0 and math.isfinite(std) else 1.0)
+    y = standardise_or_centre(np.array([t.value for t in done], dtype=np.float64))
     with blas_threads(1):
         return _main_effects(enc, x, y, levels, samples, seed)
 

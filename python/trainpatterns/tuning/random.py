@@ -20,7 +20,8 @@ __all__ = ["RandomSampler"]
 
 class RandomSampler(Sampler):
     """Uniform random search (log-uniform for ``log=True`` parameters, uniform over grid values for
-    ints and stepped floats). ``sobol=True``: the first trial's search space is taken as the space and trial k gets point k of a scrambled Sobol sequence (torch.quasirandom.SobolEngine);
+    ints and stepped floats). ``sobol=True``: the first trial's search space is taken as the space
+    and trial k gets point k of a scrambled Sobol sequence (torch.quasirandom.SobolEngine);
     parameters outside that space, and the very first trial, are sampled randomly."""
 
     def __init__(self, seed: Optional[int] = None, *, sobol: bool = False) -> None:

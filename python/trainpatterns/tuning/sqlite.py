@@ -354,7 +354,7 @@ class SQLiteStorage:
 @functools.lru_cache(maxsize=256)
 def _distributions(s: str) -> dict:
     """The distributions of a trial from their stored JSON, cached: a study's trials mostly share
-    one space, and decoding it per trial per read was a third of a GP suggestion's cost at 100
+    one space, and decoding it per trial per read would cost a third of a GP suggestion at 100
     trials (distributions are frozen dataclasses, so sharing them is safe)."""
     return {k: distribution_from_json(v) for k, v in json.loads(s).items()}
 

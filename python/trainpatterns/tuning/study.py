@@ -34,8 +34,10 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
+from .gp import GPSampler
 from .sqlite import SQLiteStorage, owner_id, parse_storage
-from .trial import FrozenTrial, Trial, TrialPruned, TrialState
+from .space import Distribution
+from .trial import FrozenTrial, Trial, TrialPruned, TrialRecorder, TrialState
 
 __all__ = ["Study", "create_study", "load_study"]
 
@@ -45,9 +47,7 @@ Objective = Callable[[Trial], Any]
 Callback = Callable[["Study", FrozenTrial], None]
 
 
-def _default_sampler():
-    from .gp import GPSampler
-
+def _default_sampler() -> GPSampler:
     return GPSampler()
 
 
@@ -81,8 +81,9 @@ def load_study(*, study_name: str, storage: Union[str, os.PathLike, SQLiteStorag
                  pruner, artifact_dir)
 
 
-class Study:
-    """A named set of trials in a storage. Build with ``create_study`` / ``load_study``."""
+class Study(TrialRecorder):
+    """A named set of trials in a storage. Build with ``create_study`` / ``load_study``. It is the
+    ``TrialRecorder`` of the trials it hands out."""
 
     heartbeat_interval_s = 5.0
 
@@ -159,12 +160,28 @@ class Study:
             raise ValueError(f"enqueue_trial needs a non-empty dict of parameter values, got {params!r}")
         return self._storage.enqueue_trial(self._study_id, dict(params))
 
-    def _known_distributions(self, history: Sequence[FrozenTrial]) -> dict:
-        known: dict = {}
-        for t in history:
-            for name, d in t.distributions.items():
-                known.setdefault(name, (d, f"trial {t.number}"))
-        return known
+    # ----- the trial recorder: what a live Trial calls ---------------------------------------------
+
+    def propose_params(self, number: int, history: Sequence[FrozenTrial]) -> dict:
+        return self.sampler.before_trial(self, number, history)
+
+    def sample_param(self, number: int, name: str, dist: Distribution, history: Sequence[FrozenTrial]) -> Any:
+        return self.sampler.sample_independent(self, number, name, dist, history)
+
+    def record_params(self, number: int, params: dict, distributions: dict) -> None:
+        self._storage.set_params(self._study_id, number, self._owner, params, distributions)
+
+    def record_intermediate(self, number: int, values: dict) -> None:
+        self._storage.set_intermediate(self._study_id, number, self._owner, values)
+
+    def record_attrs(self, number: int, *, user_attrs: Optional[dict] = None,
+                     system_attrs: Optional[dict] = None) -> None:
+        self._storage.set_attrs(self._study_id, number, self._owner, user_attrs=user_attrs, system_attrs=system_attrs)
+
+    def ask_pruner(self, trial: Trial) -> bool:
+        if self.pruner is None:
+            return False
+        return bool(self.pruner.should_prune(self, trial, self._storage.get_trials(self._study_id)))
 
     # ----- ask / tell ------------------------------------------------------------------------------
 

@@ -6,6 +6,9 @@ it is fixed (an enqueued trial, a grid point, a retried or promoted trial keeps 
 Every suggestion and report is written to storage at once, so a trial of a killed process is
 retried with the same parameters and ``checkpoint_dir``.
 
+A trial reaches its study only through ``TrialRecorder`` (``Study`` implements it): the sampler's
+choices, the pruner's verdict, and writes of the trial's state to storage.
+
 Invariants: a parameter name keeps its kind (float / int / categorical) and, for categoricals, its
 choices across all trials of a study; suggesting the same name twice in one trial returns the same
 value. ``report(step, value)`` takes the step first (the training step or epoch: a resource count,
@@ -17,15 +20,12 @@ import enum
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 from .space import (CategoricalChoice, CategoricalDistribution, Distribution, FloatDistribution,
                     IntDistribution, check_compatible)
 
-if TYPE_CHECKING:
-    from .study import Study
-
-__all__ = ["TrialState", "FrozenTrial", "Trial", "TrialPruned"]
+__all__ = ["TrialState", "FrozenTrial", "Trial", "TrialPruned", "TrialRecorder"]
 
 
 class TrialState(enum.Enum):
@@ -82,10 +82,58 @@ class FrozenTrial:
         return max(self.intermediate_values) if self.intermediate_values else None
 
 
-class Trial:
-    """The live trial handed to ``objective(trial)``. Created by ``Study.ask()`` / ``optimize``."""
+class TrialRecorder(Protocol):
+    """What a live ``Trial`` needs from its study. ``number`` is the trial's number; ``history`` the
+    study's other trials as read when the trial was claimed. Each ``record_*`` call stores the whole
+    mapping it is given (it replaces the stored one), immediately, so a retried trial sees it."""
 
-    def __init__(self, study: "Study", frozen: FrozenTrial, history: Sequence[FrozenTrial]) -> None:
+    @property
+    def artifact_dir(self) -> Path:
+        """The directory under which every trial gets its own ``checkpoint_dir``."""
+        ...
+
+    def propose_params(self, number: int, history: Sequence[FrozenTrial]) -> dict:
+        """The sampler's joint proposal {name: value} for a trial that is starting."""
+        ...
+
+    def sample_param(self, number: int, name: str, dist: Distribution, history: Sequence[FrozenTrial]) -> Any:
+        """The sampler's value for one parameter outside the joint proposal."""
+        ...
+
+    def record_params(self, number: int, params: dict, distributions: dict) -> None:
+        """``params``: name -> the value the objective received; ``distributions``: name -> its
+        ``Distribution``."""
+        ...
+
+    def record_intermediate(self, number: int, values: dict) -> None:
+        """``values``: step -> reported value."""
+        ...
+
+    def record_attrs(self, number: int, *, user_attrs: Optional[dict] = None,
+                     system_attrs: Optional[dict] = None) -> None:
+        """Store the attrs that are given (None: leave that mapping as stored)."""
+        ...
+
+    def ask_pruner(self, trial: "Trial") -> bool:
+        """The pruner's verdict on ``trial`` at its last report (False without a pruner)."""
+        ...
+
+
+def _known_distributions(history: Sequence[FrozenTrial]) -> dict:
+    """{name: (distribution, "trial k")}: each parameter's distribution in the first trial of
+    ``history`` that has it, with where it came from (for the compatibility error message)."""
+    known: dict = {}
+    for t in history:
+        for name, d in t.distributions.items():
+            known.setdefault(name, (d, f"trial {t.number}"))
+    return known
+
+
+class Trial:
+    """The live trial handed to ``objective(trial)``. Created by ``Study.ask()`` / ``optimize``;
+    ``study`` is the study it belongs to (a ``TrialRecorder``)."""
+
+    def __init__(self, study: TrialRecorder, frozen: FrozenTrial, history: Sequence[FrozenTrial]) -> None:
         self.study = study
         self._frozen = frozen
         self.number = frozen.number
@@ -97,8 +145,8 @@ class Trial:
         self._intermediate: dict = dict(frozen.intermediate_values)
         self._user_attrs: dict = dict(frozen.user_attrs)
         self._system_attrs: dict = dict(frozen.system_attrs)
-        self._known = study._known_distributions(self._history)
-        self._proposal: dict = study.sampler.before_trial(study, self.number, self._history)
+        self._known = _known_distributions(self._history)
+        self._proposal: dict = study.propose_params(self.number, self._history)
 
     # ----- what the objective reads ----------------------------------------------------------------
 
@@ -141,12 +189,11 @@ class Trial:
     def set_user_attr(self, key: str, value: Any) -> None:
         """Store a JSON-serialisable value with the trial."""
         self._user_attrs[str(key)] = value
-        self.study._storage.set_attrs(self.study._study_id, self.number, self.study._owner, user_attrs=self._user_attrs)
+        self.study.record_attrs(self.number, user_attrs=self._user_attrs)
 
     def _set_system_attr(self, key: str, value: Any) -> None:
         self._system_attrs[key] = value
-        self.study._storage.set_attrs(self.study._study_id, self.number, self.study._owner,
-                                      system_attrs=self._system_attrs)
+        self.study.record_attrs(self.number, system_attrs=self._system_attrs)
 
     # ----- suggestions -----------------------------------------------------------------------------
 
@@ -184,10 +231,10 @@ class Trial:
         elif name in self._proposal and dist.contains(self._proposal[name]):
             value = self._proposal[name]
         else:
-            value = self.study.sampler.sample_independent(self.study, self.number, name, dist, self._history)
+            value = self.study.sample_param(self.number, name, dist, self._history)
         self._params[name] = value
         self._dists[name] = dist
-        self.study._storage.set_params(self.study._study_id, self.number, self.study._owner, self._params, self._dists)
+        self.study.record_params(self.number, self._params, self._dists)
         return value
 
     # ----- early stopping --------------------------------------------------------------------------
@@ -205,7 +252,7 @@ class Trial:
         except (TypeError, ValueError):
             raise TypeError(f"report(step, value): value must be a float, got {value!r}") from None
         self._intermediate[int(step)] = v
-        self.study._storage.set_intermediate(self.study._study_id, self.number, self.study._owner, self._intermediate)
+        self.study.record_intermediate(self.number, self._intermediate)
 
     def should_prune(self) -> bool:
         """Ask the study's pruner whether to stop now (raise ``TrialPruned`` if so). Without a pruner,
@@ -215,9 +262,7 @@ class Trial:
         last = self._intermediate[max(self._intermediate)]
         if not math.isfinite(last):
             return True
-        if self.study.pruner is None:
-            return False
-        return bool(self.study.pruner.should_prune(self.study, self, self.study._storage.get_trials(self.study._study_id)))
+        return bool(self.study.ask_pruner(self))
 
     def __repr__(self) -> str:
         return f"Trial(number={self.number}, params={self._params!r})"
