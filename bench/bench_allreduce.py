@@ -1,4 +1,4 @@
-"""Benchmark of synchronous data parallelism (issue 5): SyncDataParallel against torch DDP.
+"""Benchmark of synchronous data parallelism: SyncDataParallel against torch DDP.
 
 Why: SyncDataParallel must be at least as fast as DDP on the same model and, with a 16-bit wire,
 clearly faster where the all-reduce is exposed. Each training step here is zero_grad, forward,

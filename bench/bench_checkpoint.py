@@ -30,7 +30,6 @@ import warnings
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (Target, Variant, apply_threads, common_parser, environment, format_table,  # noqa: E402

@@ -1,4 +1,4 @@
-"""Benchmark of cached bottleneck features (issue 6): one epoch of head training on a
+"""Benchmark of cached bottleneck features: one epoch of head training on a
 ``FeatureCache`` against one epoch of full forward passes through the frozen backbone.
 
 Why: when the backbone is frozen its output for a given input never changes, so running it every

@@ -1,4 +1,4 @@
-"""Benchmark of the tuning samplers (issue 7): simple regret and time per suggestion, ours vs Optuna.
+"""Benchmark of the tuning samplers: simple regret and time per suggestion, ours vs Optuna.
 
 Why: a Bayesian sampler is worth its cost only if it finds better points than random search in
 fewer trials, at least as well as the reference implementation (Optuna's GPSampler), and cheaply
@@ -8,8 +8,8 @@ Regret: Branin (2-D, min 0.397887) and Hartmann6 (6-D, min -3.32237), ``--seeds`
 median over seeds of the simple regret (best value found - true minimum) after 30 / 50 / 100 trials,
 for our RandomSampler, our GPSampler and, when installed, Optuna's GPSampler; every GP runs with
 ``deterministic_objective=True`` (the functions are noise-free) and 10 startup trials. Without Optuna
-the reference figures are the ones measured in /work/shared/ANCHORS.md (Optuna 5.0: Branin @50
-5.7e-5, Hartmann6 @100 8.9e-5).
+the reference figures are Optuna 5.0's GPSampler medians on this kind of machine (Branin @50
+5.7e-5, Hartmann6 @100 8.9e-5; ANCHOR_REGRET below).
 
 Diagnostic column (with Optuna): "gp|optuna-start", our GP started from the very 10 startup points
 Optuna's run drew for the same seed (enqueued), so the two GPs differ only in the modelling and
@@ -220,7 +220,7 @@ def main() -> int:
                                   f"ours {ours:.2e}, reference {ref:.2e} ({src})"))
             if optuna is not None and (fn_name, b) in ANCHOR_REGRET:
                 targets.append(Target(f"{fn_name}@{b} regret: ANCHORS / ours", ANCHOR_REGRET[(fn_name, b)] / max(ours, 1e-300),
-                                      None, "the figure measured earlier for Optuna 5.0"))
+                                      None, "Optuna 5.0's reference figure"))
     if ("gp", 100) in timing:
         targets.append(Target("time per suggestion @100: 50 ms / ours", 0.050 / timing[("gp", 100)], 1.0,
                               f"ours {timing[('gp', 100)] * 1e3:.1f} ms; absolute time, noisy on a shared box"))

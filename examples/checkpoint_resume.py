@@ -10,15 +10,11 @@ the restored plan keeps its checkpoint cadence while adding virtual epochs for t
     python examples/checkpoint_resume.py --dir /tmp/ckpt --more-data
 """
 import argparse
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
-
-from trainpatterns.checkpoint import CheckpointManager, VirtualEpochs  # noqa: E402
-from trainpatterns.optim import FusedAdamW  # noqa: E402
+from trainpatterns.checkpoint import CheckpointManager, VirtualEpochs
+from trainpatterns.optim import FusedAdamW
 
 
 class ShuffledBatches:

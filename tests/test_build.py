@@ -30,9 +30,9 @@ def test_info_command_prints_build_report():
     assert "CUDA kernels" in text and "CPU SIMD" in text and "OpenMP" in text
 
 
-def test_builtin_training_job_lowers_the_loss():
+def test_builtin_training_job_lowers_the_loss(tmp_path):
     res = subprocess.run([sys.executable, "-m", "trainpatterns", "train", "--steps", "300", "--samples", "2048"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     losses = [float(line.split("train mse")[1].split()[0]) for line in res.stdout.splitlines() if "train mse" in line]
     assert len(losses) >= 2

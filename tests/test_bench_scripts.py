@@ -1,0 +1,72 @@
+"""Every benchmark under bench/ runs once in its quickest mode against the installed package, as a
+new user would run it after the README's install, and prints its table of targets.
+
+These check that the scripts work, not the speed: a target may print FAIL on a busy test machine.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from _ranks import run_ranks
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+# The quickest mode of each single-process script; {tmp} is the test's temporary directory.
+SINGLE = {
+    "bench_optim.py": ["--quick", "--cases", "a,b,c,d,e"],
+    "bench_loader.py": ["--quick", "--rows", "20000", "--row-batches", "5"],
+    "bench_checkpoint.py": ["--quick", "--dir", "{tmp}"],
+    "bench_transfer.py": ["--quick"],
+}
+SLOW = {
+    # Optuna in the same process and 3 seeds of two test functions: minutes, not seconds.
+    "bench_tuning.py": ["--quick", "--seeds", "1"],
+}
+DISTRIBUTED = {"bench_allreduce.py": ["--quick", "--repeats", "2"]}
+
+
+def test_every_benchmark_is_covered():
+    scripts = {p.name for p in BENCH.glob("bench_*.py")}
+    assert scripts == set(SINGLE) | set(SLOW) | set(DISTRIBUTED)
+
+
+def check_output(name: str, code, out: str, err: str, json_path: Path) -> None:
+    # Exit code 1 is a script's verdict that a speed target printed FAIL; anything else is a crash.
+    assert code == 0 or (code == 1 and "FAIL" in out), f"{name} failed:\n{out[-2000:]}\n{err[-4000:]}"
+    assert "target" in out, f"{name} printed no targets:\n{out[-2000:]}"
+    assert json.loads(json_path.read_text()), f"{name} wrote an empty --json file"
+
+
+def run_single(name: str, args: list, tmp_path: Path) -> None:
+    out_json = tmp_path / "out.json"
+    argv = [a.format(tmp=tmp_path) for a in args] + ["--json", str(out_json)]
+    res = subprocess.run([sys.executable, str(BENCH / name), *argv], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600)
+    check_output(name, res.returncode, res.stdout, res.stderr, out_json)
+
+
+@pytest.mark.parametrize("name", sorted(SINGLE))
+def test_benchmark_runs(name, tmp_path):
+    run_single(name, SINGLE[name], tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SLOW))
+def test_slow_benchmark_runs(name, tmp_path):
+    pytest.importorskip("optuna")
+    run_single(name, SLOW[name], tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(DISTRIBUTED))
+def test_distributed_benchmark_runs_on_two_ranks(name, tmp_path):
+    out_json = tmp_path / "out.json"
+    results = run_ranks([str(BENCH / name), *DISTRIBUTED[name], "--json", str(out_json)], world=2, timeout_s=600,
+                        cwd=str(tmp_path))
+    for rank, (code, out, err) in enumerate(results):
+        assert code == 0, f"rank {rank} of {name} failed:\n{out[-2000:]}\n{err[-4000:]}"
+    check_output(name, 0, results[0][1], results[0][2], out_json)
