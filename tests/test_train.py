@@ -87,6 +87,85 @@ def test_resume_is_exact(tmp_path):
     assert len(open(tmp_path / "b" / "metrics.jsonl").readlines()) == 4
 
 
+TIME_FIELDS = ("time_s", "samples_per_s")
+
+
+def records(path):
+    """metrics.jsonl record by record, without the timing fields (every line must be one whole
+    record, the last one included)."""
+    text = open(path).read()
+    assert text.endswith("\n"), "the last record is torn"
+    return [{k: v for k, v in json.loads(line).items() if k not in TIME_FIELDS} for line in text.splitlines()]
+
+
+def damage(path, how, reference):
+    """What a killed run leaves in metrics.jsonl after its checkpoint at step 24 (lines: 12, 24) or
+    with no checkpoint at all; ``reference``: the uninterrupted run's lines 12, 24, 36, 48."""
+    lines = open(path).readlines()
+    past, last = reference[2], reference[3]
+    if how == "torn":  # records past the checkpoint, then a torn tail
+        text = lines + [past, last[: len(last) // 2]]
+    elif how == "glued":  # a torn line with the next record glued on
+        text = lines + [past[:20] + past, last]
+    elif how == "missing":  # killed after the checkpoint's commit, before its record was appended
+        text = lines[:1]
+    elif how == "duplicated":  # an earlier resume that appended the repeated epochs again
+        text = lines + [past, lines[1], past]
+    else:  # killed before any checkpoint committed
+        text = reference[:1] + [reference[1][:10]]
+    with open(path, "w") as f:
+        f.writelines(text)
+
+
+@pytest.mark.parametrize("how", ["torn", "glued", "missing", "duplicated", "no_checkpoint"])
+def test_resume_tidies_metrics_jsonl(tmp_path, how):
+    """A resumed run's metrics.jsonl holds exactly the uninterrupted run's records, whatever the
+    killed run left in it."""
+    def run(directory, callbacks=()):
+        model, opt = setup()
+        t = Trainer(model, F.mse_loss, opt, data(), data(64, seed=1), checkpoint_dir=directory, plan=plan(),
+                    callbacks=list(callbacks), progress=False)
+        t.fit()
+        return t
+
+    run(tmp_path / "a")
+    reference = open(tmp_path / "a" / "metrics.jsonl").readlines()
+    assert len(reference) == 4
+    killed = tmp_path / "b"
+    if how == "no_checkpoint":
+        killed.mkdir()
+        (killed / "metrics.jsonl").write_text("")
+    else:
+        assert run(killed, [StopAt(1)]).step == 24
+    damage(killed / "metrics.jsonl", how, reference)
+    resumed = run(killed)
+    assert resumed.step == 48
+    assert records(killed / "metrics.jsonl") == records(tmp_path / "a" / "metrics.jsonl")
+    assert not os.path.exists(killed / "metrics.jsonl.tmp")
+
+
+def test_cli_resume_tidies_metrics_jsonl(tmp_path, capsys):
+    """``trainpatterns train --resume`` (which restores before fit) tidies metrics.jsonl too."""
+    import shutil
+
+    from trainpatterns.cli import main
+
+    args = ["train", "--samples", "256", "--steps", "40", "--batch-size", "32", "--hidden", "16",
+            "--checkpoints", "4", "--no-progress"]
+    assert main(args + ["--run-dir", str(tmp_path / "a")]) == 0
+    reference = open(tmp_path / "a" / "metrics.jsonl").readlines()
+    assert [json.loads(r)["step"] for r in reference] == [10, 20, 30, 40]
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for name in os.listdir(tmp_path / "b"):  # the killed run committed nothing after step 20
+        if name.startswith("step_") and int(name[5:]) > 20:
+            shutil.rmtree(tmp_path / "b" / name)
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write(reference[3][:15])
+    assert main(["train", "--resume", "--run-dir", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert "resumed" in capsys.readouterr().out
+    assert records(tmp_path / "b" / "metrics.jsonl") == records(tmp_path / "a" / "metrics.jsonl")
+
+
 def test_checkpoint_of_another_model_is_a_clear_error_and_nothing_changes(tmp_path):
     model, opt = setup()
     Trainer(model, F.mse_loss, opt, data(), checkpoint_dir=tmp_path, plan=plan(epochs=2), progress=False).fit()

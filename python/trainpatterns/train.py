@@ -13,16 +13,19 @@ checkpoint by validation loss, appends one JSON line of metrics per virtual epoc
 Exact resume: with array data the loader position, the RNG states, the optimizer, the scheduler,
 the plan and the callbacks' state are all in the checkpoint, so a resumed run continues with the
 batches the uninterrupted one would have seen. With an arbitrary iterable the loop restarts it.
+A resume also cuts ``metrics.jsonl`` back to the records up to the restored step (a killed run may
+have left a torn line or records of epochs that run again), so the file reads as one run's.
 
 Distributed (torchrun): when ``torch.distributed`` is initialised with more than one process, the
 model is wrapped in ``trainpatterns.distributed.SyncDataParallel`` (gradients averaged by bucketed
 all-reduce; frozen parameters are not communicated), each rank reads its own contiguous shard of
 array data, ``train_loss`` is the mean over every rank's steps, and only rank 0 shows progress
-and writes ``metrics.jsonl`` (the CheckpointManager coordinates the ranks' saves).
+and writes ``metrics.jsonl`` (the CheckpointManager coordinates the ranks' saves). Under
+``torchrun --max-restarts`` each incarnation resumes from the newest checkpoint every rank can read,
+so a run that lost a rank ends as the uninterrupted one would have (bitwise on CPU).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -32,6 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import _metrics_log
 from ._train_data import batch_rows, is_array_data, num_rows, shard
 from ._tree import to_device
 from ._world import rank_and_world
@@ -235,8 +239,9 @@ class Trainer:
                 raise ValueError("train_data yielded no batch")
 
     def restore(self) -> Optional[int]:
-        """Restore the latest good checkpoint; the step restored from, or None for a fresh run.
-        A checkpoint that does not fit this model/optimizer raises ValueError (nothing is saved)."""
+        """Restore the newest checkpoint every rank can read; the step restored from, or None for a
+        fresh run. ``metrics.jsonl`` is then cut back to the records up to that step (rank 0). A
+        checkpoint that does not fit this model/optimizer raises ValueError (nothing is saved)."""
         if self.manager is None:
             return None
         try:
@@ -246,6 +251,8 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise ValueError(f"checkpoint directory {self.checkpoint_dir} does not fit this model/optimizer "
                              f"({_first_line(e)})") from e
+        if step is not None:
+            self._tidy_metrics(step)
         return step
 
     def fit(self) -> list:
@@ -253,9 +260,8 @@ class Trainer:
         the per-virtual-epoch metrics (the history, resumed runs included)."""
         for cb in self.callbacks:
             cb.on_fit_start(self)
-        restored = self.restore() if self.resume else None
-        if restored is not None:
-            self._truncate_metrics(restored)
+        if self.resume and self.restore() is None:
+            self._tidy_metrics(0)  # no checkpoint committed: records a killed run wrote start again
         self.step, self.epoch = self.plan.step, self.plan.epoch
         bar = self._progress_bar()
         batches = self._batches()
@@ -387,25 +393,15 @@ class Trainer:
         return None if self.checkpoint_dir is None else os.path.join(self.checkpoint_dir, "metrics.jsonl")
 
     def _write_metrics(self, metrics: dict) -> None:
-        if self.metrics_path is None or self.rank != 0:
-            return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        if self.metrics_path is not None and self.rank == 0:
+            _metrics_log.append(self.metrics_path, metrics)
 
-    def _truncate_metrics(self, step: int) -> None:
-        """After a resume from ``step``, drop lines a killed run wrote after that checkpoint (those
-        epochs run again)."""
-        path = self.metrics_path
-        if path is None or self.rank != 0 or not os.path.exists(path):
-            return
-        with open(path) as f:
-            lines = [ln for ln in f if ln.strip()]
-        keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-        if len(keep) != len(lines):
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(keep)
-            os.replace(tmp, path)
+    def _tidy_metrics(self, step: int) -> None:
+        """Make ``metrics.jsonl`` hold this run's records up to ``step`` and nothing after (rank 0):
+        a killed run may have left a torn last line, records past its last checkpoint, or none for
+        that checkpoint's own virtual epoch; this run writes the ones after ``step`` again."""
+        if self.metrics_path is not None and self.rank == 0:
+            _metrics_log.tidy(self.metrics_path, step, self.history)
 
     def _progress_bar(self):
         if not self.progress or self.rank != 0:
