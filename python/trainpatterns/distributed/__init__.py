@@ -90,8 +90,31 @@ def init_from_env(backend: Optional[str] = None, *,
         kwargs["timeout"] = timeout
     if uses_cuda and backend == "nccl":
         kwargs["device_id"] = device  # eager NCCL init, bound to this rank's GPU
-    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size, **kwargs)
+    store = _incarnation_store(world_size, kwargs.get("timeout"))
+    if store is not None:
+        kwargs["store"] = store
+    else:
+        kwargs["init_method"] = "env://"
+    dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
     return DistInfo(rank, world_size, local_rank, device, dist.get_backend())
+
+
+def _incarnation_store(world_size: int, timeout: Optional[datetime.timedelta]) -> Optional[dist.Store]:
+    """Under torchrun's shared store, a key space of this incarnation's own; None elsewhere.
+
+    torchrun (c10d rendezvous) lets its workers use the agent's TCPStore, and that store outlives a
+    restart: without a prefix, the ranks of a restarted group read the previous group's addresses
+    from it and fail to connect (torch issue 135712). ``TORCHELASTIC_RESTART_COUNT`` tells the
+    incarnations apart; it agrees on every rank of one torchrun agent (a single node). On several
+    nodes an agent that restarts only because a peer node did keeps its count, so multi-node
+    elastic jobs set ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (docs/distributed.md).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT"), world_size, is_master=False,
+                           timeout=timeout or datetime.timedelta(minutes=30))
+    incarnation = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+    return dist.PrefixStore(f"trainpatterns/incarnation_{incarnation}", client)
 
 
 def shutdown() -> None:
