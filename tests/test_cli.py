@@ -178,3 +178,194 @@ def test_train_under_torchrun_trains_one_run_on_two_ranks(tmp_path):
     infos = CheckpointManager(run_dir).list(verify=True)
     assert all(i.valid for i in infos) and infos[-1].step == 40, infos
     assert json.load(open(os.path.join(infos[-1].path, "manifest.json")))["world_size"] == 2
+
+
+# ----- bad input in a subprocess: exit 2, one line on stderr, no traceback -----------------------------
+
+def cli_subprocess(cwd, *argv):
+    env = dict(os.environ, PYTHONPATH=PYTHON_DIR)
+    return subprocess.run([sys.executable, "-m", "trainpatterns", *argv], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+# Runs many `trainpatterns` command lines in one process (the start-up of torch costs more than a
+# case): each as `python -m trainpatterns` would, stderr captured, an escaping exception printed as
+# the interpreter prints it.
+CASES_WORKER = r'''
+import contextlib, io, json, os, sys, traceback
+from trainpatterns.cli import main
+out = []
+for cwd, argv in json.load(sys.stdin):
+    os.chdir(cwd)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            rc = main(argv)
+        except SystemExit as e:
+            rc = e.code
+        except BaseException:
+            traceback.print_exc()
+            rc = 1
+    out.append([rc, err.getvalue()])
+print(json.dumps(out))
+'''
+
+
+def cli_cases(cases):
+    """[(returncode, stderr)] of each (cwd, argv) in ``cases``, all run in one subprocess."""
+    env = dict(os.environ, PYTHONPATH=PYTHON_DIR)
+    res = subprocess.run([sys.executable, "-c", CASES_WORKER], input=json.dumps([[str(c), a] for c, a in cases]),
+                         capture_output=True, text=True, timeout=240, env=env)
+    assert res.returncode == 0, res.stderr
+    return [tuple(r) for r in json.loads(res.stdout.splitlines()[-1])]
+
+
+def assert_one_line_error(rc, err, command, *fragments):
+    assert rc == 2, err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"trainpatterns {command}: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], err
+
+
+def test_class_labels_far_beyond_the_data_are_a_one_line_error(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 3)).astype(np.float32)
+    y = rng.integers(0, 3, 64)
+    y[5] = 10**9  # one label would make a billion-output layer
+    np.savez(tmp_path / "far.npz", x=x, y=y)
+    res = cli_subprocess(tmp_path, "train", "--data", "far.npz", "--steps", "5", "--no-progress", "--run-dir", "run")
+    assert_one_line_error(res.returncode, res.stderr, "train", "1000000000", "distinct labels")
+    assert not (tmp_path / "run").exists()
+    # Sparse labels in a small label space, and dense labels, still train.
+    y_val = rng.integers(0, 3, 16)
+    np.savez(tmp_path / "val.npz", x=x, y=y, x_val=x[:16], y_val=y_val.astype(np.float32))
+    y[5] = 999
+    np.savez(tmp_path / "sparse.npz", x=x, y=y)
+    np.savez(tmp_path / "negval.npz", x=x, y=np.abs(y) % 3, x_val=x[:16], y_val=-y_val - 1)
+    cases = [(tmp_path, ["train", "--data", f, "--steps", "4", "--checkpoints", "1", "--hidden", "4",
+                         "--no-progress", "--run-dir", f"run-{f}"]) for f in ("sparse.npz", "val.npz", "negval.npz")]
+    (rc_sparse, err_sparse), (rc_val, err_val), (rc_neg, err_neg) = cli_cases(cases)
+    assert rc_sparse == 0, err_sparse
+    assert json.loads(open(tmp_path / "run-sparse.npz" / "metrics.jsonl").readline())["step"] == 4
+    assert_one_line_error(rc_val, err_val, "train", "y_val has dtype float32")
+    assert_one_line_error(rc_neg, err_neg, "train", "must be >= 0")
+
+
+def _saved_run(tmp_path, name, **wrong):
+    d = tmp_path / name
+    d.mkdir()
+    config = dict(cli.DEFAULTS, samples=64, steps=8, batch_size=16, hidden=4, checkpoints=2)
+    config.update(wrong)
+    (d / "config.json").write_text(json.dumps(config))
+    return name
+
+
+WRONG_TYPES = [("steps", "many"), ("lr", "fast"), ("hidden", 1.5), ("samples", True), ("interpolation", "yes"),
+               ("data", 5), ("seed", None)]
+
+
+def test_resume_with_a_mistyped_config_is_a_one_line_error(tmp_path):
+    runs = [_saved_run(tmp_path, f"run-{key}", **{key: value}) for key, value in WRONG_TYPES]
+    before = snapshot(tmp_path)
+    res = cli_subprocess(tmp_path, "train", "--resume", "--run-dir", runs[0], "--no-progress")
+    assert_one_line_error(res.returncode, res.stderr, "train", "config.json", "'steps'", '"many"')
+    results = cli_cases([(tmp_path, ["train", "--resume", "--run-dir", d, "--no-progress"]) for d in runs[1:]])
+    for (key, value), (rc, err) in zip(WRONG_TYPES[1:], results):
+        assert_one_line_error(rc, err, "train", "config.json", repr(key), json.dumps(value))
+    assert snapshot(tmp_path) == before
+
+
+def test_resume_with_a_config_that_is_not_an_object_or_out_of_range(tmp_path):
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "config.json").write_text("[1, 2]")
+    cases = [(tmp_path, ["train", "--resume", "--run-dir", "list", "--no-progress"]),
+             (tmp_path, ["train", "--resume", "--run-dir", _saved_run(tmp_path, "seed", seed=2**64),
+                         "--no-progress"]),
+             (tmp_path, ["train", "--resume", "--run-dir", _saved_run(tmp_path, "zero", steps=0), "--no-progress"])]
+    (rc1, err1), (rc2, err2), (rc3, err3) = cli_cases(cases)
+    assert_one_line_error(rc1, err1, "train", "not a run configuration")
+    assert_one_line_error(rc2, err2, "train", "--seed must be in")
+    assert_one_line_error(rc3, err3, "train", "--steps must be >= 1")
+
+
+def test_tune_storage_that_is_not_sqlite_is_a_one_line_error(tmp_path):
+    junk = tmp_path / "junk.txt"
+    junk.write_text("these are notes, not a database\n" * 100)
+    res = cli_subprocess(tmp_path, "tune", "--storage", "junk.txt", "--trials", "1", "--steps", "5")
+    assert_one_line_error(res.returncode, res.stderr, "tune", "junk.txt", "not a database")
+    assert junk.read_text() == "these are notes, not a database\n" * 100
+    assert sorted(os.listdir(tmp_path)) == ["junk.txt"]
+    (tmp_path / "adir").mkdir()
+    ((rc, err),) = cli_cases([(tmp_path, ["tune", "--storage", "adir", "--trials", "1", "--steps", "5"])])
+    assert_one_line_error(rc, err, "tune", "adir", "SQLite")
+    assert os.listdir(tmp_path / "adir") == []
+
+
+def test_tune_zero_budgets_are_one_line_errors(tmp_path):
+    res = cli_subprocess(tmp_path, "tune", "--steps", "0", "--trials", "1")
+    assert_one_line_error(res.returncode, res.stderr, "tune", "--steps must be >= 1, got 0")
+    flags = [("tune", "--samples"), ("tune", "--trials"), ("tune", "--jobs"), ("train", "--steps"),
+             ("train", "--samples")]
+    results = cli_cases([(tmp_path, [cmd, flag, "0", "--storage" if cmd == "tune" else "--run-dir", "x"])
+                         for cmd, flag in flags] + [(tmp_path, ["tune", "--seed", "-1", "--storage", "x"])])
+    for (cmd, flag), (rc, err) in zip(flags, results):
+        assert_one_line_error(rc, err, cmd, f"{flag} must be >= 1, got 0")
+    assert_one_line_error(*results[-1], "tune", "--seed must be in [0, 2**63 - 1), got -1")
+    assert os.listdir(tmp_path) == []  # no storage, no run directory
+
+
+def test_tune_malformed_storage_url_is_rejected_creating_nothing(tmp_path):
+    res = cli_subprocess(tmp_path, "tune", "--storage", "sqlite:/x", "--trials", "1", "--steps", "2")
+    assert_one_line_error(res.returncode, res.stderr, "tune", "'sqlite:/x'", "sqlite:///")
+    # "sqlite://" (last) is SQLAlchemy's spelling of an in-memory database: accepted, nothing written.
+    urls = ["sqlite:x.db", "sqlite:///", "postgresql://h/db", "mysql:db", "sqlite://"]
+    results = cli_cases([(tmp_path, ["tune", "--storage", url, "--trials", "1", "--steps", "2", "--samples", "16"])
+                         for url in urls])
+    for url, (rc, err) in zip(urls[:-1], results):
+        assert_one_line_error(rc, err, "tune", repr(url))
+    assert results[-1][0] == 0, results[-1][1]
+    assert os.listdir(tmp_path) == []
+
+
+def test_tune_accepts_sqlite_urls_and_plain_paths(tmp_path):
+    cases = [(tmp_path, ["tune", "--storage", storage, "--trials", "1", "--steps", "2", "--samples", "16",
+                         "--study-name", "s"]) for storage in ("sqlite:///rel.db", f"sqlite:///{tmp_path}/abs.db",
+                                                               "plain.db", "./odd:name.db")]
+    for rc, err in cli_cases(cases):
+        assert rc == 0, err
+    assert {"rel.db", "abs.db", "plain.db", "odd:name.db"} <= set(os.listdir(tmp_path))
+
+
+# ----- metrics.jsonl: a torn last line is skipped, a torn line before it is an error -------------------
+
+def _metrics_dir(tmp_path, tail):
+    records = [{"epoch": e, "step": 10 * e, "train_loss": 1.0 / e, "val_loss": 2.0 / e} for e in (1, 2, 3)]
+    d = tmp_path / "run"
+    d.mkdir(parents=True)
+    (d / "metrics.jsonl").write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in records) + tail)
+    return d, records
+
+
+@pytest.mark.parametrize("tail", [b'{"epoch": 4, "step": 40, "train_lo', b'{"epoch": 4, "note": "\xc3',
+                                  b"\0\0\0\0\0\0", b'{"epoch": 4, "st\n'])
+def test_plot_skips_a_torn_last_line(tmp_path, capsys, tail):
+    d, records = _metrics_dir(tmp_path, tail)
+    assert cli._read_metrics(str(d)) == records
+    assert "incomplete last line 4" in capsys.readouterr().err
+
+
+def test_plot_names_a_torn_line_before_the_last(tmp_path, capsys):
+    d, _ = _metrics_dir(tmp_path, b'{"epoch": 4, "st' + b'{"epoch": 5, "step": 50, "train_loss": 0.2}\n'
+                        + b'{"epoch": 6, "step": 60, "train_loss": 0.1}\n')
+    with pytest.raises(cli.UsageError, match=r"metrics.jsonl line 4 is not a metrics record"):
+        cli._read_metrics(str(d))
+    (d / "metrics.jsonl").write_text('{"epoch": 1, "train_loss": 1.0}\n{"epoch": 2, "train_loss": "low"}\n'
+                                     '{"epoch": 3, "train_loss": 0.5}\n')
+    with pytest.raises(cli.UsageError, match=r"line 2 is not a metrics record"):
+        cli._read_metrics(str(d))
+    pytest.importorskip("matplotlib")
+    d2, _ = _metrics_dir(tmp_path / "p", b'{"epoch": 4, "st')
+    rc, out, err = run(capsys, "plot", str(d2))
+    assert rc == 0 and (d2 / "loss.png").read_bytes()[:4] == b"\x89PNG" and "incomplete last line" in err

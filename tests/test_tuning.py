@@ -5,6 +5,7 @@ plain-torch references, ASHA decisions against a hand-written schedule, bad inpu
 from __future__ import annotations
 
 import math
+import os
 import statistics
 
 import numpy as np
@@ -644,3 +645,111 @@ def test_cli_tune_runs_and_prints_per_trial(tmp_path, capsys):
     assert "best: trial" in out
     s = load_study(study_name="cli", storage=db)
     assert len(s.trials) == 3
+
+
+# ----- the built-in objective's trial checkpoints ----------------------------------------------------
+
+class _Killed(Exception):
+    pass
+
+
+class _FakeTrial:
+    """What PendulumObjective uses of a Trial: fixed parameters, a checkpoint_dir, reports recorded,
+    and optionally a kill (an exception) right after the report at ``kill_at``."""
+
+    PARAMS = {"lr": 3e-3, "width": 24, "depth": 2, "activation": "tanh"}
+
+    def __init__(self, checkpoint_dir, kill_at=None, params=None):
+        self.number, self.checkpoint_dir, self.kill_at = 0, checkpoint_dir, kill_at
+        self.params = dict(params or self.PARAMS)
+        self.reports = {}
+
+    def suggest_float(self, name, *a, **k):
+        return self.params[name]
+
+    suggest_int = suggest_categorical = suggest_float
+
+    def report(self, step, value):
+        self.reports[step] = value
+        if step == self.kill_at:
+            raise _Killed()
+
+    def should_prune(self):
+        return False
+
+
+def _objective():
+    from trainpatterns.tuning.cli import PendulumObjective
+
+    return PendulumObjective(steps=40, samples=128, batch_size=32, reports=4, threads=0)
+
+
+def test_pendulum_objective_resumes_a_killed_trial_exactly(tmp_path, one_thread):
+    ref = _FakeTrial(tmp_path / "ref")
+    ref_value = _objective()(ref)
+    assert sorted(ref.reports) == [10, 20, 30, 40] and ref.reports[40] == ref_value
+    first = _FakeTrial(tmp_path / "t", kill_at=20)
+    with pytest.raises(_Killed):
+        _objective()(first)
+    again = _FakeTrial(tmp_path / "t")
+    value = _objective()(again)
+    assert sorted(again.reports) == [30, 40]  # continued after the checkpoint of step 20
+    assert {**first.reports, **again.reports} == ref.reports and value == ref_value  # bit for bit
+    # A finished trial run again (an ASHA promotion to a budget it already has): no step, same value.
+    done = _FakeTrial(tmp_path / "t")
+    assert _objective()(done) == ref_value and done.reports == {}
+    assert not list((tmp_path / "t").glob("*.pt"))  # nothing pickled
+
+
+def _plant_unusable(d):
+    """A torn state.pt (what the objective once read), a checkpoint with a garbage manifest, one
+    with a truncated weights file, and the leftover of a write cut off by a kill."""
+    from trainpatterns.checkpoint import CheckpointManager
+
+    d.mkdir(parents=True)
+    (d / "state.pt").write_bytes(b"PK\x03\x04 torn in the middle of a write")
+    (d / "step_00000010").mkdir()
+    (d / "step_00000010" / "manifest.json").write_text("{\"step\": 10, \"files\": ")
+    model = torch.nn.Linear(2, 2)
+    with CheckpointManager(d, keep_last=None, async_save=False, rng=False) as m:
+        m.save({"model": model}, step=30)
+    weights = d / "step_00000030" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    (d / ".tmp-step_00000040").mkdir()
+    (d / ".tmp-step_00000040" / "model.safetensors").write_bytes(b"\0" * 64)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_pendulum_objective_starts_over_past_unusable_checkpoints(tmp_path, one_thread):
+    from trainpatterns.checkpoint import CheckpointManager
+
+    ref = _FakeTrial(tmp_path / "ref")
+    ref_value = _objective()(ref)
+    _plant_unusable(tmp_path / "t")
+    t = _FakeTrial(tmp_path / "t")
+    assert _objective()(t) == ref_value and t.reports == ref.reports
+    # A well-formed checkpoint of another model (a trial directory reused by a new study): moved
+    # aside, the trial starts over, and a retry then resumes from the new checkpoints.
+    other = tmp_path / "other"
+    with CheckpointManager(other, async_save=False, rng=False) as m:
+        m.save({"model": torch.nn.Linear(5, 5), "opt": torch.optim.SGD([torch.zeros(1)], lr=1.0),
+                "gen": torch.Generator().get_state()}, step=20)
+    t = _FakeTrial(other)
+    with pytest.warns(RuntimeWarning, match="starting the trial over"):
+        assert _objective()(t) == ref_value and t.reports == ref.reports
+    assert [p.name.split(".")[0] for p in other.glob("*.unusable-*")] == ["step_00000020"]
+    assert [i.step for i in CheckpointManager(other, async_save=False).list(verify=True) if i.valid] == [30, 40]
+    t = _FakeTrial(other)
+    assert _objective()(t) == ref_value and t.reports == {}
+
+
+@pytest.mark.parametrize("storage, msg", [("sqlite:/x", "not a supported URL"), ("sqlite:///", "not a supported URL"),
+                                          ("redis://h", "not a supported URL"), ("junk.txt", "not a database"),
+                                          ("", "empty path")])
+def test_bad_storage_is_a_value_error_and_creates_nothing(tmp_path, monkeypatch, storage, msg):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "junk.txt").write_bytes(b"plain text, no SQLite header\n" * 50)
+    with pytest.raises(ValueError, match=msg):
+        create_study(storage=storage, sampler=RandomSampler())
+    assert os.listdir(tmp_path) == ["junk.txt"]
+    assert (tmp_path / "junk.txt").read_bytes() == b"plain text, no SQLite header\n" * 50

@@ -1,5 +1,6 @@
 """Multi-process tests of trainpatterns.tuning: a study killed with SIGKILL resumes with no trial lost
-or duplicated, two processes share one study (random and grid), and n_jobs worker processes.
+or duplicated, two processes share one study (random and grid), n_jobs worker processes, and
+`trainpatterns tune` killed mid-trial resumes that trial from its checkpoint.
 
 Workers are separate Python processes running a small script on one SQLite file; every wait has a
 deadline, and leftover processes are killed, so a broken claim protocol fails the test, never hangs.
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import trainpatterns
 from trainpatterns.tuning import RandomSampler, TrialState, create_study, load_study
@@ -171,3 +173,46 @@ def test_n_jobs_worker_processes(tmp_path):
     assert [t.number for t in trials] == list(range(6))  # n_trials counts this call over all workers
     assert all(t.state is TrialState.COMPLETE for t in trials)
     assert os.getpid() not in {t.user_attrs["pid"] for t in trials}
+
+
+@pytest.mark.timeout(240)
+def test_tune_cli_killed_mid_trial_resumes_the_trial_from_its_checkpoint(tmp_path):
+    # `trainpatterns tune` killed (SIGKILL) after trial 0 saved a checkpoint: the rerun retries
+    # trial 0 from that checkpoint, and its reports equal those of an uninterrupted run.
+    from trainpatterns.checkpoint import CheckpointManager
+    from trainpatterns.tuning.cli import PendulumObjective
+
+    steps, samples = 1000, 256
+    argv = [sys.executable, "-m", "trainpatterns", "tune", "--trials", "1", "--steps", str(steps), "--samples",
+            str(samples), "--sampler", "random", "--pruner", "none", "--storage", "tune.db", "--study-name", "k"]
+    env = dict(os.environ, PYTHONPATH=PYTHON_DIR)
+    trial_dir = tmp_path / "tune_artifacts" / "k" / "trial_00000"
+    p = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not list(trial_dir.glob("step_*")):
+            assert p.poll() is None and time.time() < deadline, "no checkpoint before the end or the deadline"
+            time.sleep(0.01)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=30)
+    saved = [i.step for i in CheckpointManager(trial_dir, async_save=False).list() if i.valid]
+    assert saved and max(saved) < steps, saved
+    res = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stdout + res.stderr
+    (t,) = load_study(study_name="k", storage=tmp_path / "tune.db").trials
+    assert t.state is TrialState.COMPLETE and t.attempts == 2
+    threads = torch.get_num_threads()
+    try:
+        ref = create_study(sampler=RandomSampler(seed=0))
+        ref.optimize(PendulumObjective(steps=steps, samples=samples, seed=0), n_trials=1)
+    finally:
+        torch.set_num_threads(threads)
+    (r,) = ref.trials
+    assert t.params == r.params and t.value == r.value
+    # Reports made before the kill, and after the resume (from the newest checkpoint), as uninterrupted.
+    assert t.intermediate_values == {k: v for k, v in r.intermediate_values.items() if k in t.intermediate_values}
+    assert steps in t.intermediate_values

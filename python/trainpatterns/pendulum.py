@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Optional
 
 import numpy as np
 import torch
@@ -85,6 +86,26 @@ def _check_arrays(x: np.ndarray, y: np.ndarray, what: str) -> None:
         raise UsageError(f"{what}x or {what}y contains NaN or infinity")
 
 
+# Up to this many output classes the labels may be sparse (say, 10 of 1000 ImageNet classes);
+# beyond it at least half of the classes 0..max must occur.
+_MAX_SPARSE_CLASSES = 4096
+
+
+def _check_labels(y: np.ndarray, y_val: Optional[np.ndarray]) -> None:
+    """Class labels index the model's output layer, which has ``max label + 1`` outputs: they must
+    be >= 0 and dense enough that this layer is not mostly classes that never occur (labels such as
+    10**9 would ask for a billion outputs: no memory for it, and no data to train them)."""
+    labels = y if y_val is None else np.concatenate([y.ravel(), y_val.ravel()])
+    if labels.min() < 0:
+        raise UsageError(f"class labels in y{'' if y_val is None else ' and y_val'} must be >= 0, got {labels.min()}")
+    classes = int(labels.max()) + 1
+    present = len(np.unique(labels))
+    if classes > max(_MAX_SPARSE_CLASSES, 2 * present):
+        raise UsageError(f"class labels go up to {classes - 1} but only {present} distinct labels occur: "
+                         f"labels must be 0..C-1 for C classes (remap them, e.g. with "
+                         f"np.unique(y, return_inverse=True))")
+
+
 class Job:
     """What ``train`` and ``overfit-check`` run: tensors, a model factory and the loss.
 
@@ -107,13 +128,16 @@ class Job:
             classification = np.issubdtype(arrays["y"].dtype, np.integer)
             if classification and arrays["y"].ndim != 1:
                 raise UsageError(f"integer y (class labels) must be 1-D, got shape {arrays['y'].shape}")
-            if classification and arrays["y"].min() < 0:
-                raise UsageError("class labels in y must be >= 0")
             if "x_val" in arrays:
                 _check_arrays(arrays["x_val"], arrays["y_val"], "val ")
                 if arrays["x_val"].shape[1:] != arrays["x"].shape[1:] or arrays["y_val"].shape[1:] != arrays["y"].shape[1:]:
                     raise UsageError(f"x_val/y_val rows have shapes {arrays['x_val'].shape[1:]}/{arrays['y_val'].shape[1:]}"
                                      f" but x/y rows {arrays['x'].shape[1:]}/{arrays['y'].shape[1:]}")
+                if classification and not np.issubdtype(arrays["y_val"].dtype, np.integer):
+                    raise UsageError(f"y holds class labels (integers) but y_val has dtype {arrays['y_val'].dtype}")
+            if classification:
+                _check_labels(arrays["y"], arrays.get("y_val"))
+            if "x_val" in arrays:
                 xs, ys, xv, yv = arrays["x"], arrays["y"], arrays["x_val"], arrays["y_val"]
             else:  # hold out a tenth, seeded
                 n = arrays["x"].shape[0]

@@ -3,9 +3,12 @@
 The task is the one ``trainpatterns train`` runs (an MLP learning the damped pendulum's state after
 one second, ``trainpatterns.pendulum.pendulum_data``), trained here by a short FusedAdamW loop. The
 study tunes the learning rate, the width and depth of the MLP and its activation, minimising the
-validation MSE; with ``--pruner asha`` bad trials stop early. Each trial saves its model and
-optimizer state to ``trial.checkpoint_dir`` at every report and restores it when present, so a trial
-that is retried after a crash (or resumed by ``ASHAPruner(pause=True)``) continues where it was.
+validation MSE; with ``--pruner asha`` bad trials stop early. Each trial saves its model, optimizer
+and sampling-generator state at every report with a ``CheckpointManager`` in ``trial.checkpoint_dir``
+(safetensors + JSON, written atomically, nothing pickled), and restores the newest usable one, so a
+trial that is retried after a crash (or resumed by ``ASHAPruner(pause=True)``) continues where it
+was. Checkpoints that cannot be restored (corrupt, or written for another model) are moved aside
+and the trial starts over, rather than failing on every retry.
 
 ``register(subparsers)`` adds the subcommand to the main parser (trainpatterns/cli.py).
 """
@@ -15,12 +18,14 @@ import argparse
 import math
 import os
 import time
-from typing import Any
+import warnings
+from typing import Any, Callable
 
 import torch
 
+from ..checkpoint import CheckpointError, CheckpointManager
 from ..optim import FusedAdamW
-from ..pendulum import pendulum_data
+from ..pendulum import UsageError, pendulum_data
 from .asha import ASHAPruner
 from .gp import GPSampler
 from .grid import GridSampler
@@ -43,6 +48,10 @@ class PendulumObjective:
 
     def __init__(self, steps: int = 300, samples: int = 2048, batch_size: int = 256, seed: int = 0,
                  reports: int = 10, threads: int = 1) -> None:
+        for name, value, low in (("steps", steps, 1), ("samples", samples, 1), ("batch_size", batch_size, 1),
+                                 ("reports", reports, 1), ("threads", threads, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         self.steps, self.samples, self.batch_size, self.seed = steps, samples, batch_size, seed
         self.reports, self.threads = reports, threads
 
@@ -55,25 +64,32 @@ class PendulumObjective:
         act = _ACTIVATIONS[trial.suggest_categorical("activation", list(_ACTIVATIONS))]
         x, y = pendulum_data(self.samples, seed=self.seed)
         xv, yv = pendulum_data(512, seed=self.seed + 1)
-        torch.manual_seed(self.seed + trial.number)
-        layers, d_in = [], 2
-        for _ in range(depth):
-            layers += [torch.nn.Linear(d_in, width), act()]
-            d_in = width
-        model = torch.nn.Sequential(*layers, torch.nn.Linear(d_in, 2))
-        opt = FusedAdamW(model.parameters(), lr=lr, weight_decay=0.0, max_grad_norm=1.0)
-        gen = torch.Generator().manual_seed(self.seed + trial.number)
-        start_step = 0
-        ckpt = trial.checkpoint_dir / "state.pt"
-        if ckpt.exists():  # a retried or promoted trial: continue from its last report
-            state = torch.load(ckpt, weights_only=False)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["opt"])
-            gen.set_state(state["gen"])
-            start_step = state["step"]
+
+        def fresh() -> dict:
+            torch.manual_seed(self.seed + trial.number)
+            layers, d_in = [], 2
+            for _ in range(depth):
+                layers += [torch.nn.Linear(d_in, width), act()]
+                d_in = width
+            model = torch.nn.Sequential(*layers, torch.nn.Linear(d_in, 2))
+            opt = FusedAdamW(model.parameters(), lr=lr, weight_decay=0.0, max_grad_norm=1.0)
+            gen = torch.Generator().manual_seed(self.seed + trial.number)
+            return dict(model=model, opt=opt, gen=gen.get_state())
+
+        # rng=False: the trial's randomness is its own seeded generator, saved as a plain tensor.
+        manager = CheckpointManager(trial.checkpoint_dir, keep_last=2, async_save=False, rng=False)
+        state, start_step = _restore_or_start_over(manager, fresh)
+        model, opt = state["model"], state["opt"]
+        gen = torch.Generator()
+        gen.set_state(state["gen"])
         every = max(1, self.steps // self.reports)
         loss_fn = torch.nn.MSELoss()
-        val = math.inf
+
+        def validate() -> float:
+            with torch.no_grad():
+                return loss_fn(model(xv), yv).item()
+
+        val = validate() if start_step >= self.steps else math.inf
         for step in range(start_step + 1, self.steps + 1):
             idx = torch.randint(0, self.samples, (self.batch_size,), generator=gen)
             loss = loss_fn(model(x[idx]), y[idx])
@@ -81,13 +97,30 @@ class PendulumObjective:
             loss.backward()
             opt.step()
             if step % every == 0 or step == self.steps:
-                with torch.no_grad():
-                    val = loss_fn(model(xv), yv).item()
-                torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), gen=gen.get_state(), step=step), ckpt)
+                val = validate()
+                manager.save(dict(model=model, opt=opt, gen=gen.get_state()), step=step, metrics={"val_mse": val})
                 trial.report(step, val)
                 if trial.should_prune():
                     raise TrialPruned()
         return val
+
+
+def _restore_or_start_over(manager: CheckpointManager, fresh: Callable[[], dict]) -> tuple[dict, int]:
+    """(state, step): ``fresh()`` with the newest usable checkpoint of ``manager`` loaded into it,
+    or ``fresh()`` and step 0. When checkpoints exist but none can be restored (all corrupt, or saved
+    for another model), they are renamed ``<name>.unusable-<time>`` (kept for inspection) with a
+    warning, so that the new run's saves do not collide with them and a retry does not fail again."""
+    state = fresh()
+    try:
+        step = manager.restore(state)
+    except (CheckpointError, RuntimeError, ValueError, KeyError, TypeError) as e:
+        stamp = time.time_ns()
+        for info in manager.list():
+            os.rename(info.path, f"{info.path}.unusable-{stamp}")
+        warnings.warn(f"cannot restore the trial's checkpoint in {manager.directory} ({e}); starting the trial "
+                      "over (the old checkpoints are renamed *.unusable-*)", RuntimeWarning, stacklevel=3)
+        return fresh(), 0
+    return state, step or 0
 
 
 class ProgressPrinter:
@@ -117,6 +150,11 @@ def _fmt(v: Any) -> str:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
+    for name, low in (("trials", 1), ("steps", 1), ("samples", 1), ("jobs", 1), ("threads", 0)):
+        if getattr(args, name) < low:
+            raise UsageError(f"--{name} must be >= {low}, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**63 - 1:  # seed + 1 seeds the validation data: both must fit torch's int64
+        raise UsageError(f"--seed must be in [0, 2**63 - 1), got {args.seed}")
     if args.sampler == "grid":
         sampler: Any = GridSampler(GRID)
     elif args.sampler == "random":

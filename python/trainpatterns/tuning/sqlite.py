@@ -28,6 +28,7 @@ import functools
 import json
 import math
 import os
+import re
 import socket
 import sqlite3
 import threading
@@ -102,20 +103,31 @@ def _owner_alive(owner: str, heartbeat: Optional[float], now: float, grace_s: fl
     return heartbeat is not None and now - heartbeat < grace_s
 
 
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
+
+
 def parse_storage(storage: Union[None, str, os.PathLike, "SQLiteStorage"]) -> "SQLiteStorage":
     """None, ":memory:" or "sqlite://" -> an in-memory database (this process only);
-    "sqlite:///relative.db", "sqlite:////absolute.db" or a plain path -> that file."""
+    "sqlite:///relative.db", "sqlite:////absolute.db" or a plain path -> that file. Anything else
+    that starts like a URL (``sqlite:/x``, ``postgresql://...``) is a ValueError, raised before
+    anything is created (a file name that starts with ``name:`` is written ``./name:...``)."""
     if isinstance(storage, SQLiteStorage):
         return storage
     if storage is None:
         return SQLiteStorage(None)
+    if not isinstance(storage, (str, os.PathLike)):
+        raise TypeError(f"storage must be None, a path, 'sqlite:///path.db' or an SQLiteStorage, got "
+                        f"{type(storage).__qualname__}")
     s = os.fspath(storage)
     if s in (":memory:", "sqlite://", "sqlite:///:memory:"):
         return SQLiteStorage(None)
-    if s.startswith("sqlite:///"):
+    if s.startswith("sqlite:///") and len(s) > len("sqlite:///"):
         return SQLiteStorage(s[len("sqlite:///"):])
-    if "://" in s:
-        raise ValueError(f"storage {s!r}: only SQLite is supported ('sqlite:///path.db' or a file path)")
+    if _URL_SCHEME.match(s):
+        raise ValueError(f"storage {s!r} is not a supported URL: use 'sqlite:///relative.db', "
+                         "'sqlite:////absolute.db' or a file path")
+    if not s:
+        raise ValueError("storage is an empty path: use a file path, 'sqlite:///path.db' or None (in memory)")
     return SQLiteStorage(s)
 
 
@@ -133,9 +145,22 @@ class SQLiteStorage:
         self._lock = threading.RLock()
         self._memory_conn: Optional[sqlite3.Connection] = None
         if self.path is not None:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"storage {self.path}: cannot create its directory ({e.strerror or e})") from None
         with self._lock:
-            self._conn().executescript(_SCHEMA)
+            try:
+                self._conn().executescript(_SCHEMA)
+            except sqlite3.DatabaseError as e:  # not SQLite (a text file), a directory, unreadable
+                self._close_thread_conn()
+                raise ValueError(f"storage {self.path}: cannot open it as an SQLite database ({e})") from None
+
+    def _close_thread_conn(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
 
     @property
     def url(self) -> Optional[str]:

@@ -167,9 +167,10 @@ class Trial:
     @property
     def checkpoint_dir(self) -> Path:
         """A directory that belongs to this trial (created on first access), under the study's
-        artifact directory. Save training state there (``torch.save``, or
-        ``trainpatterns.checkpoint.CheckpointManager(trial.checkpoint_dir)``) and load it when it
-        exists: a retried or promoted trial then continues instead of restarting."""
+        artifact directory. Save training state there with
+        ``trainpatterns.checkpoint.CheckpointManager(trial.checkpoint_dir)`` and restore it at the
+        start: a retried or promoted trial then continues instead of restarting. (Not a pickle read
+        back with ``torch.load``: a file planted in the artifact directory would run its code.)"""
         d = self.study.artifact_dir / f"trial_{self.number:05d}"
         d.mkdir(parents=True, exist_ok=True)
         return d
