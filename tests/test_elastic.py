@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file
@@ -21,21 +22,24 @@ from _elastic_worker import CHECKPOINTS, STEPS  # noqa: E402
 from _ranks import PYTHON_DIR  # noqa: E402
 
 WORKER = Path(__file__).with_name("_elastic_worker.py")
+CLI_WRAPPER = Path(__file__).with_name("_elastic_cli.py")
 TIMEOUT_S = 150
 TIME_FIELDS = ("time_s", "samples_per_s")
 
 
-def launch(tmp_path: Path, name: str, kills: str) -> tuple[subprocess.Popen, Path]:
-    """torchrun with two gloo ranks of the worker, in its own session so that the test can kill the
-    whole tree at the timeout."""
+def launch(tmp_path: Path, name: str, kills: str, cli_args: Optional[list] = None) -> tuple[subprocess.Popen, Path]:
+    """torchrun with two gloo ranks of the worker (or, with ``cli_args``, of ``trainpatterns train``),
+    in its own session so that the test can kill the whole tree at the timeout."""
     out = tmp_path / name
     out.mkdir()
+    script = [str(WORKER), str(out / "run"), str(out), kills] if cli_args is None else \
+        [str(CLI_WRAPPER), str(out), kills, "--", "--run-dir", str(out / "run"), *cli_args]
     # No TORCH_DISABLE_SHARE_RDZV_TCP_STORE: init_from_env keeps each incarnation's keys apart in
     # torchrun's shared store, which outlives a restart.
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([PYTHON_DIR, os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
-           "--max-restarts", "3", str(WORKER), str(out / "run"), str(out), kills]
+           "--max-restarts", "3", *script]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     return proc, out
@@ -94,3 +98,34 @@ def test_killed_ranks_resume_bitwise_under_torchrun(tmp_path):
     for name in want:
         assert torch.equal(want[name], got[name]), f"{what}: {name} differs"
     assert records(run / "run" / "metrics.jsonl") == records(ref / "run" / "metrics.jsonl"), what
+
+
+def test_cli_train_continues_its_run_under_torchrun_restarts(tmp_path):
+    """`trainpatterns train --run-dir R` under --max-restarts: a restarted group continues R."""
+    seed = int(os.environ.get("TP_ELASTIC_SEED", random.randrange(2**31)))
+    rng = random.Random(seed)
+    args = ["--steps", "60", "--samples", "512", "--batch-size", "32", "--hidden", "32", "--checkpoints", "6",
+            "--no-progress"]
+    kills = f"0:{rng.randrange(2)}:{rng.randrange(12, 60)}"
+    deadline = time.monotonic() + TIMEOUT_S
+    ref_proc, ref = launch(tmp_path, "reference", "-", args)
+    run_proc, run = launch(tmp_path, "killed", kills, args)
+    ref_rc, ref_log = finish(ref_proc, deadline)
+    run_rc, run_log = finish(run_proc, deadline)
+    assert ref_rc == 0, ref_log[-3000:]
+    assert run_rc == 0, f"seed {seed}, kills {kills}\n{run_log[-3000:]}"
+    assert "resumed" in run_log and "resumed" not in ref_log, run_log[-3000:]
+    assert sorted(starts(run)) == [0, 1], f"seed {seed}, kills {kills}: {starts(run)}"
+    want, got = load_file(ref / "final.safetensors"), load_file(run / "final.safetensors")
+    assert sorted(want) == sorted(got)
+    for name in want:
+        assert torch.equal(want[name], got[name]), f"seed {seed}, kills {kills}: {name} differs"
+    assert records(run / "run" / "metrics.jsonl") == records(ref / "run" / "metrics.jsonl")
+
+
+def test_cli_train_under_max_restarts_needs_a_run_dir(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCHELASTIC_MAX_RESTARTS="3", TORCHELASTIC_RESTART_COUNT="0")
+    res = subprocess.run([sys.executable, "-m", "trainpatterns", "train", "--steps", "10"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "--run-dir" in res.stderr and "Traceback" not in res.stderr

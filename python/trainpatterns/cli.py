@@ -57,6 +57,23 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# The type each DEFAULTS key must have in a saved config.json (bool is no int here).
+_CONFIG_TYPES = dict(data=(str, type(None)), samples=(int,), steps=(int,), batch_size=(int,), lr=(float, int),
+                     hidden=(int,), checkpoints=(int,), seed=(int,), interpolation=(bool, type(None)))
+
+
+def _check_saved(saved: object, path: str) -> dict:
+    """``saved`` (config.json as parsed) if it is an object whose known keys have the right types."""
+    if not isinstance(saved, dict):
+        raise UsageError(f"--resume: {path} is not a run configuration (a JSON object), got {type(saved).__name__}")
+    for key, types in _CONFIG_TYPES.items():
+        value = saved.get(key)
+        if key in saved and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise UsageError(f"--resume: {path}: {key!r} must be {want}, got {json.dumps(value)}")
+    return saved
+
+
 def _config(args: argparse.Namespace, saved: Optional[dict] = None) -> dict:
     """The job configuration: explicit arguments, else the saved run's values, else defaults."""
     cfg = {}
@@ -70,6 +87,8 @@ def _config(args: argparse.Namespace, saved: Optional[dict] = None) -> dict:
             raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
     if not (cfg["lr"] > 0 and math.isfinite(cfg["lr"])):
         raise UsageError(f"--lr must be a positive number, got {cfg['lr']}")
+    if not 0 <= cfg["seed"] < 2**63 - 1:  # seed + 1 seeds the validation data: both must fit torch's int64
+        raise UsageError(f"--seed must be in [0, 2**63 - 1), got {cfg['seed']}")
     if cfg["data"] is not None:
         cfg["data"] = os.path.abspath(cfg["data"])
     return cfg
@@ -109,6 +128,18 @@ def _agree(rank0_value, world: int):
     return box[0]
 
 
+def _restarted_by_torchrun(args: argparse.Namespace) -> bool:
+    """True when torchrun (``--max-restarts``) restarted this group and the run it started exists:
+    the run then continues from its newest checkpoint, as with ``--resume``. Restartable runs need
+    ``--run-dir``, since a default directory is named after the start time of each incarnation."""
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) == 0:
+        return False
+    if args.run_dir is None:
+        raise UsageError("under torchrun --max-restarts, pass --run-dir: a restarted group continues the run there")
+    return (int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+            and os.path.isfile(os.path.join(args.run_dir, "config.json")))
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     rank, world = _join_torchrun()
     try:
@@ -127,8 +158,10 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> int:
     directory, writes config.json and prints)."""
     say = print if rank == 0 else (lambda *a, **k: None)
 
+    restarted = _restarted_by_torchrun(args)
+    resume = args.resume or restarted
     saved = None
-    if args.resume:
+    if resume:
         if args.run_dir is None:
             raise UsageError("--resume needs --run-dir (the run directory to continue)")
         cfg_path = os.path.join(args.run_dir, "config.json")
@@ -136,7 +169,7 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> int:
             raise UsageError(f"--resume: {args.run_dir} holds no run (no config.json)")
         try:
             with open(cfg_path) as f:
-                saved = json.load(f)
+                saved = _check_saved(json.load(f), cfg_path)
         except (OSError, ValueError) as e:
             raise UsageError(f"--resume: cannot read {cfg_path} ({e})") from None
     cfg = _config(args, saved)
@@ -145,7 +178,7 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> int:
     job = Job(cfg)
     run_dir = args.run_dir or os.path.join("runs", f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     problem = None
-    if not args.resume and os.path.exists(run_dir) and os.listdir(run_dir):
+    if not resume and os.path.exists(run_dir) and os.listdir(run_dir):
         problem = (f"run directory {run_dir} is not empty: pass --resume to continue it, or choose another "
                    f"--run-dir")
     # Rank 0's directory and verdict for all: the ranks' clocks may straddle a second, and rank 1
@@ -177,12 +210,12 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> int:
 
     trainer = Trainer(model, job.loss_fn, opt, (job.x, job.y), val, checkpoint_dir=run_dir, plan=plan,
                       scheduler=sched, callbacks=[PrintEpochs()], interpolation=job.interpolation,
-                      progress=not args.no_progress and rank == 0, seed=cfg["seed"], resume=bool(args.resume),
+                      progress=not args.no_progress and rank == 0, seed=cfg["seed"], resume=resume,
                       num_threads=1 if cfg["data"] is None else None)
-    if args.resume:
-        step = trainer.restore()
-        if step is None:
-            raise UsageError(f"--resume: {run_dir} holds no usable checkpoint")
+    step = trainer.restore() if resume else None
+    if step is None and args.resume:
+        raise UsageError(f"--resume: {run_dir} holds no usable checkpoint")
+    if step is not None:
         trainer.resume = False  # restored already
         say(f"resumed {run_dir} at step {step} of {plan.total_steps}")
     else:
@@ -222,23 +255,37 @@ def _cmd_overfit_check(args: argparse.Namespace) -> int:
 
 # ----- plot ----------------------------------------------------------------------------------------
 
+_REQUIRED, _OPTIONAL = ("epoch", "train_loss"), ("step", "val_loss", "max_error")
+
+
 def _read_metrics(run_dir: str) -> list:
+    """The records of ``run_dir/metrics.jsonl``. A last line that is not JSON is the torn tail of an
+    interrupted append and is skipped with a note; a bad line before it is an error naming it."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isdir(run_dir):
         raise UsageError(f"run directory {run_dir} not found")
     if not os.path.isfile(path):
         raise UsageError(f"{run_dir} holds no metrics.jsonl (is it a trainpatterns run directory?)")
+    try:
+        with open(path, "rb") as f:
+            lines = [(i, raw) for i, raw in enumerate(f.read().split(b"\n"), 1) if raw.strip()]
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
     rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                float(row["epoch"]), float(row["train_loss"])
-            except (ValueError, KeyError, TypeError):
-                raise UsageError(f"{path} line {i} is not a metrics record") from None
-            rows.append(row)
+    for k, (i, raw) in enumerate(lines):
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError too: a write torn inside a character
+            if k == len(lines) - 1:
+                print(f"trainpatterns plot: note: ignoring the incomplete last line {i} of {path} "
+                      f"(an interrupted write)", file=sys.stderr)
+                break
+            raise UsageError(f"{path} line {i} is not a metrics record (not JSON)") from None
+        if not (isinstance(row, dict) and all(isinstance(row.get(key), (int, float)) for key in _REQUIRED)
+                and all(isinstance(row[key], (int, float)) for key in _OPTIONAL if key in row)):
+            raise UsageError(f"{path} line {i} is not a metrics record (numbers {', '.join(_REQUIRED)}, "
+                             f"optionally {', '.join(_OPTIONAL)})")
+        rows.append(row)
     if not rows:
         raise UsageError(f"{path} is empty: no virtual epoch finished yet")
     return rows
