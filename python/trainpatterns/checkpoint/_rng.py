@@ -4,7 +4,10 @@ A resumed run only repeats the uninterrupted one if dropout masks, shuffles and 
 the same numbers, so a checkpoint holds the state of: Python's ``random``, numpy's global generator,
 torch's CPU generator and the generator of every CUDA device. CUDA states are taken only when CUDA
 is initialised in this process (otherwise no CUDA generator has been used, and asking would start
-CUDA); they are restored lazily by torch, so restoring never forces CUDA to start either.
+CUDA); they are restored lazily by torch, so restoring never forces CUDA to start either. A saved
+state is checked (:func:`check_rng`) before anything is restored, on throwaway generators, so a
+damaged one is a CheckpointError while the checkpoint is read, not an error half-way through a
+restore.
 """
 from __future__ import annotations
 
@@ -15,7 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["capture_rng", "restore_rng"]
+from ._format import CheckpointError, brief
+
+__all__ = ["capture_rng", "check_rng", "restore_rng"]
 
 
 def capture_rng() -> dict[str, Any]:
@@ -28,6 +33,26 @@ def capture_rng() -> dict[str, Any]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def check_rng(state: Any, where: str) -> None:
+    """CheckpointError unless :func:`restore_rng` accepts ``state``: each CPU generator's state is set
+    on a new generator of the same kind; CUDA states (whose size only a started CUDA generator
+    knows) must be byte tensors."""
+    try:
+        if not isinstance(state, dict) or not {"python", "numpy", "torch"} <= set(state):
+            raise ValueError(f"expected the states of python, numpy and torch, got {brief(state)}")
+        random.Random().setstate(_as_python_state(state["python"]))
+        np.random.RandomState().set_state(state["numpy"])
+        if not isinstance(state["torch"], torch.Tensor):
+            raise TypeError("the torch state is not a tensor")
+        torch.Generator().set_state(state["torch"])
+        cuda = state.get("cuda")
+        if cuda is not None and not (isinstance(cuda, list) and all(
+                isinstance(s, torch.Tensor) and s.dtype == torch.uint8 and s.dim() == 1 for s in cuda)):
+            raise TypeError("the CUDA states are not a list of byte tensors")
+    except (TypeError, ValueError, LookupError, OverflowError, RuntimeError) as e:
+        raise CheckpointError(f"{where}: not a valid RNG state ({e})") from e
 
 
 def restore_rng(state: dict[str, Any]) -> None:

@@ -5,7 +5,8 @@ of a distributed job, and decides which checkpoints to keep. The work is done el
 writer (``writer``) snapshots the state and writes, seals and commits a checkpoint in the
 background; the reader (``reader``) verifies a checkpoint and loads it; the on-disk format is in
 ``_format``. Leftover ``.tmp-*`` directories (from a killed process) are removed when a manager is
-created.
+created; ``step_*.corrupt-*`` directories (damaged checkpoints moved aside when their step is saved
+again) are kept for inspection and never listed, restored or removed.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from .._world import rank_and_world
-from ._format import STEP_DIR, TMP_PREFIX, CheckpointError, TensorSink, decode_tree, encode_tree, step_dir
+from ._format import CORRUPT_SUFFIX, STEP_DIR, TMP_PREFIX, CheckpointError, TensorSink, encode_tree, step_dir
 from .reader import Loaded, apply_loaded, check_files, load_weights, read_manifest, try_load
 from .writer import CheckpointWriter, HostPool, Job
 
@@ -231,8 +232,7 @@ class CheckpointManager:
                 out.append(CheckpointInfo(step, {}, path, False, str(e)))
                 continue
             problem = check_files(path, manifest, verify)
-            metrics = {k: decode_tree(v, {}) for k, v in manifest.get("metrics", {}).items()}
-            out.append(CheckpointInfo(step, metrics, path, problem is None, problem))
+            out.append(CheckpointInfo(step, manifest["metrics"], path, problem is None, problem))
         return out
 
     def restore(self, state: dict, which: Union[str, int, PathLike] = "latest") -> Optional[int]:
@@ -296,16 +296,19 @@ class CheckpointManager:
 
     def _move_aside_if_bad(self, final: str, rank: int) -> None:
         """A good checkpoint for this step is never overwritten (CheckpointError). A bad one (a run
-        that fell back past it reaches its step again) is renamed to ``<name>.corrupt-<time>``,
-        kept for inspection, so the new one can take its place."""
+        that fell back past it reaches its step again) is renamed to ``<name>.corrupt-<ns>``,
+        kept for inspection, so the new one can take its place. "Bad" is what a restore skips:
+        every checksum is verified and this rank's share is read as a restore reads it, since a
+        restore also falls back past damaged bytes with every size right, or a malformed file with
+        its checksum right, and their step must not stay blocked for good."""
         try:
-            problem = check_files(final, read_manifest(final), verify=False)
+            problem = check_files(final, read_manifest(final), verify=True) or try_load(final, rank)[1]
         except CheckpointError as e:
             problem = str(e)
         if problem is None:
             raise CheckpointError(f"a checkpoint for this step already exists: {final}")
         if rank == 0:
-            aside = f"{final}.corrupt-{int(time.time())}"
+            aside = f"{final}{CORRUPT_SUFFIX}{time.time_ns()}"
             warnings.warn(f"replacing the unusable checkpoint {final} ({problem}); the old one is now {aside}",
                           RuntimeWarning, stacklevel=3)
             try:

@@ -7,20 +7,21 @@ goes), and the read straight from the file into tensors (one copy, as ``torch.lo
 - ``layout``: file names of a checkpoint directory, the sealed manifest, the kinds of entry
 - ``tree``: state trees as JSON, tensors replaced by references into safetensors files
 - ``safetensors``: the safetensors writer and reader
-- ``files``: create-only writes, fsync now or deferred, JSON files verified on read
+- ``files``: create-only writes, fsync now or deferred, regular files only and strict JSON on read
 - ``checksum``: CRC-32 on a helper thread
-- ``errors``: :class:`CheckpointError`
+- ``errors``: :class:`CheckpointError`, and ``brief`` to show a value from a checkpoint in one
 
 The writer and reader of ``trainpatterns.checkpoint`` import what they use from here.
 """
 from .checksum import Crc32, crc32
-from .errors import CheckpointError
-from .files import DeferredSync, fsync_dir, read_json_file, write_json_file
-from .layout import (FORMAT, STEP_DIR, TMP_PREFIX, VERSION, entry_file, entry_kind, manifest_crc, rank_base, seal,
-                     step_dir)
+from .errors import CheckpointError, brief
+from .files import DeferredSync, fsync_dir, open_regular, read_json_file, write_json_file
+from .layout import (CORRUPT_SUFFIX, FORMAT, STEP_DIR, TMP_PREFIX, VERSION, check_file_name, entry_file, entry_kind,
+                     manifest_crc, rank_base, seal, step_dir)
 from .safetensors import read_safetensors, write_safetensors
-from .tree import TensorSink, decode_tree, encode_tree
+from .tree import DTYPES, TensorSink, decode_tree, encode_tree
 
-__all__ = ["CheckpointError", "crc32", "Crc32", "DeferredSync", "fsync_dir", "read_json_file", "write_json_file",
-           "read_safetensors", "write_safetensors", "TensorSink", "encode_tree", "decode_tree", "FORMAT", "VERSION",
-           "STEP_DIR", "TMP_PREFIX", "step_dir", "rank_base", "entry_file", "manifest_crc", "seal", "entry_kind"]
+__all__ = ["CheckpointError", "brief", "crc32", "Crc32", "DeferredSync", "fsync_dir", "open_regular", "read_json_file",
+           "write_json_file", "read_safetensors", "write_safetensors", "TensorSink", "encode_tree", "decode_tree",
+           "DTYPES", "FORMAT", "VERSION", "STEP_DIR", "TMP_PREFIX", "CORRUPT_SUFFIX", "step_dir", "rank_base",
+           "entry_file", "check_file_name", "manifest_crc", "seal", "entry_kind"]

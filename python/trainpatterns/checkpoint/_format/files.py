@@ -1,21 +1,27 @@
-"""Durable files: create-only writes, fsync (now or deferred), and JSON files checked on read.
+"""Durable files: create-only writes, fsync (now or deferred), and files checked on read.
 
 A checkpoint is only as good as its weakest file, so every write here goes to a file that did not
 exist before, every OS error becomes a :class:`CheckpointError` naming the file and errno, and
-nothing counts as written until it has been fsynced. The safetensors writer and the checkpoint
-writer both build on these helpers.
+nothing counts as written until it has been fsynced. On read, only regular files are opened (a FIFO
+or device planted in a checkpoint would block or never end) and a JSON file that does not parse,
+nesting included, is a CheckpointError. The safetensors code and the checkpoint writer and reader
+build on these helpers.
 """
 from __future__ import annotations
 
 import json
 import os
+import stat
 from typing import Any, Optional
 
 from .checksum import crc32
 from .errors import CheckpointError
 
 __all__ = ["DeferredSync", "write_json_file", "read_json_file", "fsync_dir", "open_new", "write_all", "finish",
-           "check_size"]
+           "check_size", "open_regular", "parse_json"]
+
+
+_UNVOUCHED_JSON_MAX = 64 << 20  # a manifest of thousands of ranks is well under a megabyte
 
 
 def write_all(fd: int, buf, path: str) -> None:
@@ -110,18 +116,50 @@ def check_size(path: str, size: int, expected: Optional[tuple[int, int]]) -> Non
         raise CheckpointError(f"{path} is {size} bytes, the manifest says {expected[0]}: truncated or overwritten")
 
 
-def read_json_file(path: str, expected: Optional[tuple[int, int]] = None) -> Any:
-    """Parse a JSON file, verifying (size, CRC-32) when ``expected`` is given."""
+def open_regular(path: str):
+    """``path`` opened for reading (unbuffered), if it is a regular file. The open does not block
+    (O_NONBLOCK), so a FIFO is refused instead of waiting for a writer forever."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointError(f"{path} is not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb", buffering=0)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(data: bytes, what: str) -> Any:
+    """``data`` parsed as strict JSON (no NaN or Infinity, as the writer writes it); CheckpointError
+    naming ``what`` if it is not (or nests too deeply for the parser)."""
+    try:
+        return json.loads(data, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{what} is not valid JSON: {e}") from e
+
+
+def read_json_file(path: str, expected: Optional[tuple[int, int]] = None) -> Any:
+    """Parse a JSON file, verifying (size, CRC-32) when ``expected`` is given. Without it (a
+    manifest, a rank's sums) the file may hold at most ``_UNVOUCHED_JSON_MAX`` bytes."""
+    with open_regular(path) as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
+            check_size(path, size, expected)
+            if expected is None and size > _UNVOUCHED_JSON_MAX:
+                raise CheckpointError(f"{path} is {size} bytes: too large for a manifest")
+            data = f.readall()
+        except OSError as e:
+            raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
     check_size(path, len(data), expected)
     if expected is not None and crc32(data) != expected[1]:
         raise CheckpointError(f"{path} fails its checksum (CRC-32 {crc32(data):08x}, "
                               f"manifest {expected[1]:08x}): the file is corrupt")
-    try:
-        return json.loads(data)
-    except ValueError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    return parse_json(data, path)

@@ -10,8 +10,11 @@ One directory per checkpoint, ``<directory>/step_00001234/``::
     rank_00000.safetensors   their tensors
 
 While a checkpoint is being written it lives under ``.tmp-step_...`` (see the writer); names that
-start with ``.tmp-`` are never checkpoints. The writer and the reader both take every name and the
-manifest's seal from here, so the two cannot disagree.
+start with ``.tmp-`` are never checkpoints, nor are ``step_...corrupt-...`` (a damaged checkpoint
+moved aside to make room for a new one of its step). The writer and the reader both take every name
+and the manifest's seal from here, so the two cannot disagree. The file names a checkpoint's JSON
+lists are only ever plain names inside its directory (:func:`check_file_name`), so a hostile
+checkpoint cannot make the reader open anything outside it.
 """
 from __future__ import annotations
 
@@ -23,13 +26,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["FORMAT", "VERSION", "STEP_DIR", "TMP_PREFIX", "step_dir", "rank_base", "entry_file", "manifest_crc",
-           "seal", "entry_kind"]
+from .errors import CheckpointError, brief
+
+__all__ = ["FORMAT", "VERSION", "STEP_DIR", "TMP_PREFIX", "CORRUPT_SUFFIX", "step_dir", "rank_base", "entry_file",
+           "check_file_name", "manifest_crc", "seal", "entry_kind"]
 
 FORMAT = "trainpatterns.checkpoint"
 VERSION = 1
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp-"  # directories being written or deleted
+CORRUPT_SUFFIX = ".corrupt-"  # step_00000012.corrupt-<ns>: a damaged checkpoint kept for inspection
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,100}$")
 _RESERVED = re.compile(r"^(manifest|state|rank_\d+|entry_\d+)$")  # names of our own files
 
@@ -51,6 +57,15 @@ def entry_file(name: str, index: int) -> str:
     if _SAFE_NAME.match(name) and not _RESERVED.match(name):
         return f"{name}.safetensors"
     return f"entry_{index}.safetensors"
+
+
+def check_file_name(name: Any, where: str) -> str:
+    """``name`` if it is a plain file name (no directory part, not ``.``/``..``, no NUL), else
+    CheckpointError: every file a checkpoint refers to lies in its own directory."""
+    if (not isinstance(name, str) or name in ("", ".", "..") or "\0" in name
+            or any(sep in name for sep in ("/", os.sep, os.altsep) if sep)):
+        raise CheckpointError(f"{where}: {brief(name)} is not a plain file name inside the checkpoint directory")
+    return name
 
 
 def manifest_crc(body: dict) -> int:

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 from typing import Any, Optional
 
 import torch
 
 from .checksum import Crc32, crc32
-from .errors import CheckpointError
-from .files import DeferredSync, check_size, finish, open_new, write_all
+from .errors import CheckpointError, brief
+from .files import DeferredSync, check_size, finish, open_new, open_regular, parse_json, write_all
 
-__all__ = ["DTYPE_TO_ST", "write_safetensors", "read_safetensors"]
+__all__ = ["DTYPE_TO_ST", "MAX_DIMS", "write_safetensors", "read_safetensors"]
 
 DTYPE_TO_ST = {  # torch dtype -> safetensors dtype name: the dtypes a checkpoint can hold
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -39,7 +38,9 @@ _ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
 
 _CHUNK = 32 << 20  # bytes per write/read call: large enough for disk speed, small enough to pipeline hashing
 _SMALL = 1 << 16  # tensors below this size are gathered into one buffer before writing
-_PIECE = 1 << 20  # bytes copied then hashed at a time on restore: small enough to stay in L2
+_PIECE = 1 << 20  # bytes read then hashed at a time on restore: small enough to stay in L2
+_MAX_HEADER = 100 << 20  # bytes of JSON header a reader accepts
+MAX_DIMS = 64  # dimensions of a tensor the format holds
 
 
 def _bytes_view(t: torch.Tensor) -> memoryview:
@@ -98,80 +99,122 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dic
 def read_safetensors(path: str, expected: Optional[tuple[int, int]] = None, *,
                      copy: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a safetensors file into CPU tensors; verify (size, CRC-32) when ``expected`` is given.
-    Returns (tensors by name, metadata). Nothing is unpickled.
+    Returns (tensors by name, metadata). Nothing is unpickled, and every field of the header is
+    checked (dtype, shape, offsets that tile the file exactly) before any tensor is allocated, so a
+    hostile header is a CheckpointError naming the file, never a huge allocation or a torch error.
 
-    The file is memory-mapped (private, copy-on-write). ``copy=True``: every tensor owns fresh
-    memory, filled in pieces of ``_PIECE`` bytes, each hashed right after it is copied, while it is
-    still in cache: one pass over memory, as a plain read would be. ``copy=False``: tensors are
-    views of the mapping where the file's alignment allows (no copy at all), hashed on the helper
-    thread; meant for values that are copied again right away, such as a module's state dict
-    handed to ``load_state_dict``. The mapping lives as long as the views."""
-    try:
-        f = open(path, "rb", buffering=0)
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
-    with f:
-        size = os.fstat(f.fileno()).st_size
-        check_size(path, size, expected)
-        if size < 8:
-            raise CheckpointError(f"{path} is too short to be a safetensors file ({size} bytes)")
+    The file is read, not memory-mapped: what is returned never depends on the file afterwards (a
+    view of a mapping dies with SIGBUS once the file is truncated). Bytes go straight from the file
+    into the tensors in pieces of ``_PIECE`` bytes, each hashed right after it is read, while it is
+    still in cache: one pass over memory. ``copy=True``: every tensor owns its memory.
+    ``copy=False``: the tensors are views of one buffer holding all of the file's tensor bytes (one
+    allocation for any number of tensors; each keeps the whole buffer alive), meant for values that
+    are copied again right away, such as a module's state dict handed to ``load_state_dict``."""
+    with open_regular(path) as f:
         try:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"cannot map {path}: {e}") from e
-    view = memoryview(mm)
-    crc = Crc32()
-    if not copy:
-        for s in range(0, size, _CHUNK):
-            crc.update(view[s:s + _CHUNK])
-    hlen = int.from_bytes(view[:8], "little")
-    if hlen > size - 8 or hlen > 100 << 20:
+            return _read_open(f, path, expected, copy)
+        except OSError as e:
+            raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
+
+
+def _read_open(f, path: str, expected: Optional[tuple[int, int]], copy: bool) -> tuple[dict, dict]:
+    size = os.fstat(f.fileno()).st_size
+    check_size(path, size, expected)
+    if size < 8:
+        raise CheckpointError(f"{path} is too short to be a safetensors file ({size} bytes)")
+    head = _read_exact(f, 8, path)
+    hlen = int.from_bytes(head, "little")
+    if hlen > size - 8 or hlen > _MAX_HEADER:
         raise CheckpointError(f"{path}: header length {hlen} is impossible for a {size}-byte file")
-    try:
-        header = json.loads(bytes(view[8:8 + hlen]))
-    except ValueError as e:
-        raise CheckpointError(f"{path}: the safetensors header is not valid JSON: {e}") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    base = 8 + hlen
+    raw = _read_exact(f, hlen, path)
+    value = crc32(raw, crc32(head))
+    entries, metadata = _parse_header(path, raw)
+    data_bytes = entries[-1][4] if entries else 0
+    if 8 + hlen + data_bytes != size:
+        raise CheckpointError(f"{path}: the header describes {8 + hlen + data_bytes} bytes, the file has {size}")
     out: dict[str, torch.Tensor] = {}
-    pos = 0
-    value = crc32(view[:base]) if copy else 0  # copy=True: the running CRC, in file order
-    try:
-        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            dtype = _ST_TO_DTYPE.get(info["dtype"])
-            if dtype is None:
-                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']!r}")
-            shape = [int(x) for x in info["shape"]]
-            begin, end = (int(x) for x in info["data_offsets"])
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            numel = math.prod(shape)
-            if begin != pos or end - begin != numel * itemsize or base + end > size:
-                raise CheckpointError(f"{path}: tensor {name!r} has inconsistent data_offsets {info['data_offsets']}")
-            pos = end
-            if numel == 0:
-                out[name] = torch.empty(shape, dtype=dtype)
-            elif not copy and (base + begin) % itemsize == 0:
-                out[name] = torch.frombuffer(mm, dtype=dtype, count=numel, offset=base + begin).view(shape)
-            else:
-                t = torch.empty(shape, dtype=dtype)
-                dst = _bytes_view(t)
-                src = view[base + begin:base + end]
-                # memoryview assignment is one memcpy: no thread team per piece (torch's copy_ would
-                # start one, which stalls badly when the machine is oversubscribed)
-                for s in range(0, end - begin, _PIECE):
-                    dst[s:s + _PIECE] = src[s:s + _PIECE]
-                    if copy:
-                        value = crc32(dst[s:s + _PIECE], value)
-                out[name] = t
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{path}: malformed safetensors header ({e!r})") from e
-    if base + pos != size:
-        raise CheckpointError(f"{path}: {size - base - pos} trailing bytes after the last tensor")
-    if not copy:
-        value = crc.value()
+    if copy:
+        for name, dtype, shape, _, _ in entries:
+            out[name] = torch.empty(shape, dtype=dtype)
+            value = _read_into(f, _bytes_view(out[name]), value, path)
+    else:
+        buf = torch.empty(data_bytes, dtype=torch.uint8)
+        value = _read_into(f, _bytes_view(buf), value, path)
+        for name, dtype, shape, begin, end in entries:
+            piece = buf[begin:end] if begin % dtype.itemsize == 0 else buf[begin:end].clone()
+            out[name] = piece.view(dtype).view(shape)
+    if f.read(1):
+        raise CheckpointError(f"{path} grew while it was being read")
     if expected is not None and value != expected[1]:
         raise CheckpointError(f"{path} fails its checksum (CRC-32 {value:08x}, manifest {expected[1]:08x}): "
                               "the file is corrupt")
     return out, metadata
+
+
+def _read_exact(f, n: int, path: str) -> bytes:
+    data = f.read(n) if n else b""
+    while len(data) < n:
+        more = f.read(n - len(data))
+        if not more:
+            raise CheckpointError(f"{path} ended early: it was truncated while being read")
+        data += more
+    return data
+
+
+def _read_into(f, dst: memoryview, value: int, path: str) -> int:
+    """Fill ``dst`` from ``f`` piece by piece, hashing each piece as it lands; the running CRC."""
+    for s in range(0, len(dst), _PIECE):
+        piece = dst[s:s + _PIECE]
+        got = 0
+        while got < len(piece):
+            n = f.readinto(piece[got:])
+            if not n:
+                raise CheckpointError(f"{path} ended early: it was truncated while being read")
+            got += n
+        value = crc32(piece, value)
+    return value
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _parse_header(path: str, raw: bytes) -> tuple[list, dict]:
+    """[(name, dtype, shape, begin, end)] in file order, and the metadata, from a header's JSON; the
+    entries are checked to tile the data section exactly, in order, with no gap."""
+    header = parse_json(raw, f"{path}: the safetensors header")
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: __metadata__ must map names to strings")
+    entries = sorted((_parse_entry(path, name, info) for name, info in header.items()), key=lambda e: (e[3], e[4]))
+    pos = 0
+    for name, dtype, shape, begin, end in entries:
+        if begin != pos or end - begin != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"{path}: tensor {name!r} has inconsistent data_offsets {[begin, end]} "
+                                  f"(expected [{pos}, {pos + math.prod(shape) * dtype.itemsize}])")
+        pos = end
+    return entries, metadata
+
+
+def _parse_entry(path: str, name: str, info: Any) -> tuple:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{where}: expected {{dtype, shape, data_offsets}}, got {brief(info)}")
+    st = info.get("dtype")
+    dtype = _ST_TO_DTYPE.get(st) if isinstance(st, str) else None
+    if dtype is None:
+        raise CheckpointError(f"{where} has unsupported dtype {brief(st)}")
+    shape = info.get("shape")
+    # every dim >= 0 and the product of the non-zero ones below 2**62: torch's stride arithmetic
+    # (int64) cannot overflow, even for an empty tensor
+    if (not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_int(d) and d >= 0 for d in shape)
+            or math.prod(max(d, 1) for d in shape) >= 1 << 62):
+        raise CheckpointError(f"{where} has an invalid shape {brief(shape)}")
+    offsets = info.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(x) and x >= 0 for x in offsets)):
+        raise CheckpointError(f"{where} has invalid data_offsets {brief(offsets)}")
+    return name, dtype, shape, offsets[0], offsets[1]

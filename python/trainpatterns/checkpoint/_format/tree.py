@@ -12,22 +12,45 @@ with a one-key object whose key starts with ``$``::
     {"$dtype": "float32"}  {"$device": "cuda:0"}  {"$bytes": "<base64>"}
 
 Everything else (None, bool, int, finite float, str, list, dict with plain string keys) is plain
-JSON, so ints stay ints, floats round-trip bit for bit (``repr``), key order is kept. Decoding only
-ever builds these types: an untrusted checkpoint cannot run code.
+JSON, so ints stay ints, floats round-trip bit for bit (``repr``), key order is kept. Trees nest at
+most ``MAX_DEPTH`` containers deep.
+
+Decoding only ever builds these types, from closed tables: a dtype is one of ``DTYPES`` (never an
+attribute looked up by name), a numpy scalar one of the plain kinds, a device a parsed device
+string. Every node that is not exactly what the encoder writes is a CheckpointError naming the
+file and the place, so an untrusted checkpoint can neither run code nor reach anything by name.
 """
 from __future__ import annotations
 
 import base64
 import math
-from typing import Any
+import re
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
 
-from .errors import CheckpointError
-from .safetensors import DTYPE_TO_ST
+from .errors import CheckpointError, brief
+from .safetensors import DTYPE_TO_ST, MAX_DIMS
 
-__all__ = ["TensorSink", "encode_tree", "decode_tree"]
+__all__ = ["TensorSink", "encode_tree", "decode_tree", "DTYPES", "MAX_DEPTH"]
+
+MAX_DEPTH = 100  # containers inside containers: far beyond any state_dict, far below Python's recursion limit
+# The dtypes a {"$dtype": name} may name (a value such as an AMP dtype, not a tensor's dtype):
+# torch's dtypes by their canonical names, those this torch has.
+DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, name) for name in (
+        "float64", "float32", "float16", "bfloat16", "complex32", "complex64", "complex128",
+        "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool",
+        "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
+        "qint8", "quint8", "qint32", "quint4x2", "quint2x4")
+    if isinstance(getattr(torch, name, None), torch.dtype) and str(getattr(torch, name)) == f"torch.{name}"
+}
+_NP_KINDS = "biufmMUS"  # numpy scalars: bool, ints, floats, datetimes, str, bytes (never object or void)
+_NP_DTYPE = re.compile(r"^[<>|=]?([biuf]\d{1,2}|[US]\d{1,9}|[mM]8(\[\d{0,9}[A-Za-z]{1,2}\])?)$")  # dtype.str of those
+_FLOATS = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+_EXTRA_KEYS = {"$tensor": {"device"}, "$np": {"value"}}  # keys beside the tag in a tagged node
+_ACCELERATORS = ("mps", "xpu")  # device types besides cpu and cuda that a tensor may be restored to
 
 
 def _path_str(path: tuple) -> str:
@@ -47,6 +70,8 @@ class TensorSink:
         if t.layout != torch.strided:
             raise TypeError(f"{where}{_path_str(path)}: only dense (strided) tensors can be saved, "
                             f"got layout {t.layout}")
+        if t.dim() > MAX_DIMS:
+            raise TypeError(f"{where}{_path_str(path)}: tensors of more than {MAX_DIMS} dimensions cannot be saved")
         base = ".".join(str(k) for k in path) or "_"
         name, n = base, 1
         while name in self.tensors:
@@ -57,7 +82,11 @@ class TensorSink:
 
 def encode_tree(value: Any, sink: TensorSink, where: str, path: tuple = ()) -> Any:
     """A JSON-able copy of ``value``; tensors go to ``sink``. ``where`` names the entry in errors."""
+    if len(path) > MAX_DEPTH:
+        raise ValueError(f"{where}: the value is nested more than {MAX_DEPTH} containers deep")
     if isinstance(value, np.generic):  # before float: np.float64 is a float subclass
+        if value.dtype.kind not in _NP_KINDS:
+            raise TypeError(f"{where}{_path_str(path)}: numpy scalars of dtype {value.dtype} cannot be saved")
         return {"$np": value.dtype.str, "value": encode_tree(value.item(), sink, where, path)}
     if value is None or isinstance(value, (bool, str)):
         return value
@@ -85,7 +114,10 @@ def encode_tree(value: Any, sink: TensorSink, where: str, path: tuple = ()) -> A
             raise TypeError(f"{where}{_path_str(path)}: numpy array of dtype {value.dtype} cannot be saved") from e
         return {"$ndarray": sink.add(path, t, where)}
     if isinstance(value, torch.dtype):
-        return {"$dtype": str(value).removeprefix("torch.")}
+        name = str(value).removeprefix("torch.")
+        if name not in DTYPES:
+            raise TypeError(f"{where}{_path_str(path)}: the dtype {value} cannot be saved")
+        return {"$dtype": name}
     if isinstance(value, torch.device):
         return {"$device": str(value)}
     if isinstance(value, (bytes, bytearray)):
@@ -95,57 +127,135 @@ def encode_tree(value: Any, sink: TensorSink, where: str, path: tuple = ()) -> A
                     "torch.dtype/device and lists, tuples, dicts of these (nothing is pickled)")
 
 
-def _device_available(device: str) -> bool:
-    d = torch.device(device)
+def _device_available(d: torch.device) -> bool:
     if d.type == "cpu":
         return True
     if d.type == "cuda":
         return torch.cuda.is_available() and (d.index or 0) < torch.cuda.device_count()
-    mod = getattr(torch, d.type, None)
-    return bool(mod is not None and getattr(mod, "is_available", lambda: False)())
+    if d.type in _ACCELERATORS:
+        mod = getattr(torch, d.type, None)
+        return bool(mod is not None and getattr(mod, "is_available", lambda: False)())
+    return False  # meta, lazy, ...: no place for the bytes
 
 
-def decode_tree(node: Any, tensors: dict[str, torch.Tensor], live: Any = None, where: str = "") -> Any:
-    """The value ``encode_tree`` encoded. Tensors go to the device of the tensor at the same place in
+def decode_tree(node: Any, tensors: dict[str, torch.Tensor], live: Any = None, where: str = "", *,
+                place: bool = True) -> Any:
+    """The value ``encode_tree`` encoded; CheckpointError (naming ``where``) for any node it would not
+    have written. With ``place``, tensors go to the device of the tensor at the same place in
     ``live`` (the object's current state), else to the device they were saved from when it exists
-    here, else stay on the CPU."""
-    if isinstance(node, list):
-        return [decode_tree(v, tensors, _child(live, i), where) for i, v in enumerate(node)]
-    if not isinstance(node, dict):
-        return node
-    if len(node) >= 1 and all(isinstance(k, str) for k in node) and any(k.startswith("$") for k in node):
-        tag = next(k for k in node if k.startswith("$"))
+    here, else stay on the CPU; without it they stay as read (a dry run that checks the tree)."""
+    return _Decoder(tensors, where, place).node(node, live, 0)
+
+
+class _Decoder:
+    def __init__(self, tensors: dict[str, torch.Tensor], where: str, place: bool) -> None:
+        self.tensors, self.where, self.place = tensors, where, place
+
+    def fail(self, problem: str) -> NoReturn:
+        raise CheckpointError(f"{self.where}: {problem}")
+
+    def node(self, node: Any, live: Any, depth: int) -> Any:
+        if depth > MAX_DEPTH:
+            self.fail(f"the tree nests more than {MAX_DEPTH} containers deep")
+        if isinstance(node, list):
+            return [self.node(v, _child(live, i), depth + 1) for i, v in enumerate(node)]
+        if not isinstance(node, dict):
+            return node  # a JSON scalar: None, bool, int, float, str
+        tag = next((k for k in node if k.startswith("$")), None)
+        if tag is None:
+            return {k: self.node(v, _child(live, k), depth + 1) for k, v in node.items()}
+        extra = _EXTRA_KEYS.get(tag, set())
+        if not set(node) - {tag} <= extra or (tag == "$np" and "value" not in node):
+            self.fail(f"malformed {tag} node with keys {sorted(node)}")
         arg = node[tag]
         if tag == "$tensor":
-            t = _lookup(tensors, arg, where)
-            if isinstance(live, torch.Tensor):
-                device = live.device
-            else:
-                saved = node.get("device", "cpu")
-                device = torch.device(saved if _device_available(saved) else "cpu")
-            return t if t.device == device else t.to(device)
+            return self.tensor(arg, node.get("device", "cpu"), live)
         if tag == "$ndarray":
-            return _lookup(tensors, arg, where).numpy()
+            try:
+                return self.lookup(arg).numpy()
+            except (TypeError, RuntimeError) as e:
+                self.fail(f"tensor {arg!r} cannot be a numpy array: {e}")
         if tag == "$tuple":
-            return tuple(decode_tree(v, tensors, _child(live, i), where) for i, v in enumerate(arg))
+            return tuple(self.node(v, _child(live, i), depth + 1) for i, v in enumerate(self.items(tag, arg)))
         if tag == "$dict":
-            out = {}
-            for k, v in arg:
-                key = decode_tree(k, tensors, None, where)
-                out[key] = decode_tree(v, tensors, _child(live, key), where)
-            return out
+            return self.dict(arg, live, depth)
         if tag == "$float":
-            return float(arg)
+            if not isinstance(arg, str) or arg not in _FLOATS:
+                self.fail(f"$float must be one of {sorted(_FLOATS)}, got {brief(arg)}")
+            return _FLOATS[arg]
         if tag == "$np":
-            return np.dtype(arg).type(decode_tree(node["value"], tensors, None, where))
+            return self.np_scalar(arg, self.node(node["value"], None, depth + 1))
         if tag == "$dtype":
-            return getattr(torch, arg)
+            if not isinstance(arg, str) or arg not in DTYPES:
+                self.fail(f"{brief(arg)} is not a dtype a checkpoint holds")
+            return DTYPES[arg]
         if tag == "$device":
-            return torch.device(arg)
+            return self.device(arg)
         if tag == "$bytes":
-            return base64.b64decode(arg)
-        raise CheckpointError(f"{where}: unknown tag {tag!r} in the checkpoint (written by a newer version?)")
-    return {k: decode_tree(v, tensors, _child(live, k), where) for k, v in node.items()}
+            try:
+                return base64.b64decode(arg.encode("ascii"), validate=True)
+            except (AttributeError, ValueError) as e:  # not a str, not ASCII, not base64
+                self.fail(f"$bytes is not base64 text: {e}")
+        self.fail(f"unknown tag {brief(tag)} (written by a newer version?)")
+
+    def items(self, tag: str, arg: Any) -> list:
+        if not isinstance(arg, list):
+            self.fail(f"{tag} needs a list, got {type(arg).__name__}")
+        return arg
+
+    def dict(self, arg: Any, live: Any, depth: int) -> dict:
+        out = {}
+        for pair in self.items("$dict", arg):
+            if not isinstance(pair, list) or len(pair) != 2:
+                self.fail(f"$dict needs [key, value] pairs, got {brief(pair)}")
+            key = self.node(pair[0], None, depth + 1)
+            try:
+                hash(key)
+            except TypeError:
+                self.fail(f"$dict key {brief(key)} is not hashable")
+            out[key] = self.node(pair[1], _child(live, key), depth + 1)
+        return out
+
+    def lookup(self, name: Any) -> torch.Tensor:
+        t = self.tensors.get(name) if isinstance(name, str) else None
+        if t is None:
+            self.fail(f"tensor {brief(name)} is referenced but missing from the checkpoint")
+        return t
+
+    def device(self, arg: Any) -> torch.device:
+        try:
+            if isinstance(arg, str):
+                return torch.device(arg)
+        except (RuntimeError, ValueError) as e:
+            self.fail(f"{brief(arg)} is not a device: {e}")
+        self.fail(f"a device must be a string, got {brief(arg)}")
+
+    def tensor(self, name: Any, saved: Any, live: Any) -> torch.Tensor:
+        t = self.lookup(name)
+        saved_device = self.device(saved)
+        if not self.place:
+            return t
+        if isinstance(live, torch.Tensor):
+            device = live.device
+        else:
+            device = saved_device if _device_available(saved_device) else torch.device("cpu")
+        return t if t.device == device else t.to(device)
+
+    def np_scalar(self, arg: Any, value: Any) -> np.generic:
+        dtype = None
+        if isinstance(arg, str) and _NP_DTYPE.match(arg):  # numpy parses other strings with a Python parser
+            try:
+                dtype = np.dtype(arg)
+            except (TypeError, ValueError):
+                pass
+        if dtype is None or dtype.kind not in _NP_KINDS:
+            self.fail(f"{brief(arg)} is not a numpy scalar type a checkpoint holds")
+        if not isinstance(value, (bool, int, float, str, bytes)):
+            self.fail(f"a numpy {dtype} scalar cannot hold {brief(value)}")
+        try:
+            return dtype.type(value)
+        except (TypeError, ValueError, OverflowError) as e:
+            self.fail(f"a numpy {dtype} scalar cannot hold {brief(value)}: {e}")
 
 
 def _child(live: Any, key: Any) -> Any:
@@ -157,10 +267,3 @@ def _child(live: Any, key: Any) -> Any:
     except TypeError:  # an unhashable key
         pass
     return None
-
-
-def _lookup(tensors: dict, name: str, where: str) -> torch.Tensor:
-    try:
-        return tensors[name]
-    except KeyError:
-        raise CheckpointError(f"{where}: tensor {name!r} is referenced but missing from the checkpoint") from None
