@@ -94,6 +94,8 @@ py::dict build_info() {
   info["cuda_runtime_version"] = 0;
   info["cuda_devices"] = 0;
 #endif
+  // How the optimizers' per-step check reads tensors: torch's exported C functions, or Python.
+  info["tensor_reader"] = tp::native_reader_in_use() ? "torch C functions" : "python";
   info["version"] = TP_VERSION;
   return info;
 }
@@ -106,6 +108,10 @@ void dlpack_capsule_destructor(PyObject* cap) {
   auto* t = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
   if (t != nullptr && t->deleter != nullptr) t->deleter(t);
 }
+
+// One prefetcher source as Python describes it (python/trainpatterns/_kernels/loader.py): address,
+// row bytes, DLPack type code and bits, row shape, name, file descriptor (-1: none), file end.
+using SourceArgs = std::tuple<std::uintptr_t, int64_t, int, int, std::vector<int64_t>, std::string, int, int64_t>;
 
 // The next batch as (seq, rows, [one capsule per source]), or None when none came within timeout.
 py::object prefetcher_next(tp::loader::Prefetcher& p, double timeout_s) {
@@ -155,21 +161,37 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("total", &tp::TensorTable::total);
 
   // Per-step plan checks (optimizers): tensors stay opaque Python objects, see tensor_watch.h.
-  m.def("set_data_ptr_reader", &tp::set_data_ptr_reader, py::arg("fn_addr"), py::arg("fallback"),
-        "Install how tensor data addresses are read: torch's exported C reader, else a Python callable.");
+  m.def("set_tensor_reader", &tp::set_tensor_reader, py::arg("functions"), py::arg("samples"), py::arg("handles"),
+        py::arg("tensor_type"), py::arg("fallback"), py::arg("is_neg"),
+        "Install how tensor metadata is read: torch's exported C functions (located and verified on the "
+        "samples), else the Python fallback. Returns whether the native reader is in use.");
   m.def("data_ptrs", &tp::data_ptrs, py::arg("tensors"), "The data address of each tensor of a list.");
+  m.def("read_tensor",
+        [](py::handle t) -> py::object {
+          tp::TensorFacts f;
+          tp::TensorPlace p;
+          if (!tp::read_facts(t.ptr(), &f) || !tp::read_place(t.ptr(), &p)) return py::none();
+          return py::make_tuple(f.ptr, f.numel, f.dtype, f.contiguous, f.in_bounds, p.device_type, p.device_index,
+                                p.lazy);
+        },
+        py::arg("tensor"),
+        "What the installed reader reads of a tensor, in tensor_facts' layout; None if it cannot read it.");
   py::class_<tp::TensorWatch>(m, "TensorWatch")
       .def(py::init<const py::list&, const std::vector<int64_t>&, const py::list&>(), py::arg("params"),
            py::arg("active"), py::arg("grads"))
       .def("check",
            [](const tp::TensorWatch& w, const py::list& params, const py::object& grads) {
              py::list picked;
-             const int status = static_cast<int>(w.check(params, grads, &picked));
-             return py::make_tuple(status, picked);
+             std::vector<std::uintptr_t> addrs;
+             const int status = static_cast<int>(w.check(params, grads, &picked, &addrs));
+             py::object checked = py::none();
+             if (status == static_cast<int>(tp::WatchStatus::NewGrads) && !addrs.empty()) checked = py::cast(addrs);
+             return py::make_tuple(status, picked, checked);
            },
            py::arg("params"), py::arg("grads") = py::none(),
-           "(status, picked): status 0 unchanged, 1 same positions with a gradient but new gradient "
-           "tensors (picked: those gradients in table order), 2 changed")
+           "(status, picked, addrs): status 0 unchanged, 1 same positions with a gradient but new gradient "
+           "tensors (picked: those gradients in table order; addrs: their addresses if each fits its slot, "
+           "else None), 2 changed")
       .def("set_grads", &tp::TensorWatch::set_grads, py::arg("grads"), py::arg("addrs"));
 
   py::class_<tp::GradControl>(m, "GradControl")
@@ -310,15 +332,16 @@ PYBIND11_MODULE(_C, m) {
 
   // The native prefetcher behind trainpatterns.data.PrefetchLoader (csrc/loader).
   py::class_<tp::loader::Prefetcher>(m, "Prefetcher")
-      .def(py::init([](const std::vector<std::tuple<std::uintptr_t, int64_t, int, int, std::vector<int64_t>>>& sources,
-                       int64_t num_rows, int64_t batch_size, int prefetch, int num_threads,
-                       const std::vector<std::vector<std::uintptr_t>>& external, py::object /*owners*/) {
+      .def(py::init([](const std::vector<SourceArgs>& sources, int64_t num_rows, int64_t batch_size, int prefetch,
+                       int num_threads, const std::vector<std::vector<std::uintptr_t>>& external,
+                       py::object /*owners*/) {
              tp::loader::PrefetcherConfig cfg;
-             for (const auto& [addr, row_bytes, code, bits, trailing] : sources) {
+             for (const auto& [addr, row_bytes, code, bits, trailing, name, fd, file_end] : sources) {
                if (code < 0 || code > 255 || bits < 8 || bits > 64)
                  throw std::invalid_argument("a source has an invalid DLPack dtype");
                const DLDataType dt{static_cast<uint8_t>(code), static_cast<uint8_t>(bits), 1};
-               cfg.sources.push_back({as_ptr<const uint8_t>(addr), row_bytes, dt, trailing});
+               cfg.sources.push_back({as_ptr<const uint8_t>(addr), row_bytes, dt, trailing, name,
+                                      tp::loader::make_file_check(fd, file_end)});
              }
              for (const auto& slot : external) {
                std::vector<uint8_t*> bufs;
@@ -334,9 +357,10 @@ PYBIND11_MODULE(_C, m) {
            py::kw_only(), py::arg("sources"), py::arg("num_rows"), py::arg("batch_size"), py::arg("prefetch"),
            py::arg("num_threads"), py::arg("external"), py::arg("owners"),
            py::keep_alive<1, 8>(),  // owners (the arrays the addresses point into) outlive the threads
-           "Start the gather threads. sources: (address, row bytes, DLPack type code, bits, row shape) per "
-           "source; external: per slot, one "
-           "buffer address per source (empty: the pool allocates its own memory).")
+           "Start the gather threads. sources: (address, row bytes, DLPack type code, bits, row shape, name, "
+           "file descriptor or -1, file position past the last row) per source, the descriptor of a "
+           "memory-mapped file being duplicated so that its size is checked before every chunk; external: "
+           "per slot, one buffer address per source (empty: the pool allocates its own memory).")
       .def("push_epoch",
            [](tp::loader::Prefetcher& p, py::array_t<int64_t, py::array::c_style> order, bool drop_last,
               int64_t first_batch) {
@@ -362,6 +386,7 @@ PYBIND11_MODULE(_C, m) {
            })
       .def_property_readonly("closed", &tp::loader::Prefetcher::closed)
       .def_property_readonly("num_slots", &tp::loader::Prefetcher::num_slots)
+      .def_property_readonly("slot_bytes", &tp::loader::Prefetcher::slot_bytes)
       .def_property_readonly("num_threads", &tp::loader::Prefetcher::num_threads)
       .def_property_readonly("pushed", &tp::loader::Prefetcher::pushed);
 }

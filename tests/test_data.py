@@ -204,6 +204,27 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int
           torch.int8, torch.uint8, torch.bool]
 
 
+def test_batch_size_larger_than_the_data_allocates_only_the_rows_there_are():
+    """batch_size 2**40 over 10 rows of 16 bytes: every batch buffer holds the 10 rows (160 bytes,
+    one cache-line-rounded part), not 2**40 rows that no allocator could give."""
+    x = np.arange(40, dtype=np.float32).reshape(10, 4)
+    y = np.arange(10, dtype=np.int64)
+    loader = PrefetchLoader((x, y), 1 << 40, shuffle=True, seed=2, epochs=None)
+    it = iter(loader)
+    for epoch in range(3):
+        bx, by = next(it)
+        order = np.random.Generator(np.random.PCG64([2, epoch])).permutation(10)
+        np.testing.assert_array_equal(bx.numpy(), x[order])
+        np.testing.assert_array_equal(by.numpy(), y[order])
+    assert it._native.slot_bytes == 192 + 128  # x: 160 bytes -> 192; y: 80 bytes -> 128
+    assert len(loader) == 1
+    # The buffers are sized for the rows there are, so an epoch listing more rows is refused.
+    with _kernels.make_prefetcher([_kernels.loader_source("x", x)], batch_size=64, prefetch=1,
+                                  num_threads=1) as p:
+        with pytest.raises(ValueError, match="lists 11 rows but the sources have 10"):
+            p.push_epoch(np.arange(11, dtype=np.int64) % 10, False, 0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("trailing", [(), (3,), (2, 3, 5), (0,), (1, 1)])
 def test_dtypes_and_trailing_shapes(dtype, trailing):

@@ -286,9 +286,10 @@ def test_param_storage_swap_is_detected():
     torch.testing.assert_close(p.detach(), torch.full((10,), -0.5))
 
 
+@pytest.mark.usefixtures("address_reader")
 class TestTensorWatch:
     """The native per-step check behind the plan cache (csrc/common/tensor_watch.h): each status
-    against what plainly happened to the tensors."""
+    against what plainly happened to the tensors, with each way of reading them."""
 
     def _watched(self):
         from trainpatterns import _kernels
@@ -299,18 +300,66 @@ class TestTensorWatch:
 
     def test_unchanged_and_new_gradient_objects(self):
         k, params, active, watch = self._watched()
-        assert watch.check(params) == (k.WATCH_UNCHANGED, [])
+        assert watch.check(params) == (k.WATCH_UNCHANGED, [], None)
         params[0].grad = torch.randn(5)
-        status, picked = watch.check(params)
+        status, picked, addrs = watch.check(params)
         assert status == k.WATCH_NEW_GRADS
         assert picked[0] is params[2].grad and picked[1] is params[0].grad  # table order
-        watch.set_grads(picked, k.data_ptrs(picked))
+        assert addrs == [g.data_ptr() for g in picked]
+        watch.set_grads(picked, addrs)
         assert watch.check(params)[0] == k.WATCH_UNCHANGED
 
     def test_moved_gradient_storage_is_seen(self):
         k, params, _, watch = self._watched()
         params[2].grad.data = torch.randn(9)  # same object, new storage
-        assert watch.check(params)[0] == k.WATCH_NEW_GRADS
+        status, picked, addrs = watch.check(params)
+        assert status == k.WATCH_NEW_GRADS and addrs == [params[2].grad.data_ptr(), params[0].grad.data_ptr()]
+
+    @pytest.mark.parametrize("change", [
+        lambda p: setattr(p, "data", p.data[:3]),                     # shrunk in place: same address
+        lambda p: p.untyped_storage().resize_(0),                     # storage freed under it
+        lambda p: p.untyped_storage().resize_(8),                     # storage smaller than the tensor
+    ], ids=["shrunk", "storage-freed", "storage-shrunk"])
+    def test_parameter_changed_in_place_rebuilds(self, change):
+        k, params, _, watch = self._watched()
+        with torch.no_grad():
+            change(params[0])
+        assert watch.check(params)[0] == k.WATCH_CHANGED
+
+    @pytest.mark.parametrize("change", [
+        lambda p: p.data.t(),                     # same address and size, no longer contiguous
+        lambda p: p.data.view(torch.bfloat16),    # same address, size and element size, other dtype
+    ], ids=["transposed", "dtype"])
+    def test_parameter_reinterpreted_in_place_rebuilds(self, change):
+        from trainpatterns import _kernels as k
+        p = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.float16))
+        p.grad = torch.randn(4, 4, dtype=torch.float16)
+        watch = k.tensor_watch([p], [0], [p.grad])
+        p.data = change(p)
+        assert watch.check([p])[0] == k.WATCH_CHANGED
+
+    @pytest.mark.parametrize("change", [
+        lambda g: setattr(g, "data", g.data[:4]),                     # same object, same address, fewer elements
+        lambda g: g.untyped_storage().resize_(0),
+        lambda g: g.untyped_storage().resize_(12),
+    ], ids=["shrunk", "storage-freed", "storage-shrunk"])
+    def test_gradient_changed_in_place_is_refused(self, change):
+        k, params, _, watch = self._watched()
+        change(params[2].grad)
+        status, picked, addrs = watch.check(params)
+        assert status == k.WATCH_NEW_GRADS and addrs is None and picked[0] is params[2].grad
+
+    @pytest.mark.parametrize("grad", [
+        lambda: torch._neg_view(torch.randn(9)),                      # lazy view: memory holds -values
+        lambda: torch.randn(18)[::2],                                 # not contiguous
+        lambda: torch.randn(9, dtype=torch.float64),                  # other dtype (grad_dtype relaxed)
+    ], ids=["neg-view", "strided", "float64"])
+    def test_new_gradient_that_does_not_fit_is_refused(self, grad):
+        k, params, _, watch = self._watched()
+        params[2].grad_dtype = None
+        params[2].grad = grad()
+        status, _, addrs = watch.check(params)
+        assert status == k.WATCH_NEW_GRADS and addrs is None
 
     def test_changes_that_rebuild(self):
         k, params, _, watch = self._watched()
@@ -321,6 +370,12 @@ class TestTensorWatch:
         params[0].data = torch.randn(5)  # parameter storage swapped
         assert watch.check(params)[0] == k.WATCH_CHANGED
         assert watch.check(params[:2])[0] == k.WATCH_CHANGED  # another list length
+
+    def test_another_parameter_object_at_the_same_address_rebuilds(self):
+        k, params, _, watch = self._watched()
+        other = list(params)
+        other[0] = params[0].detach()  # a different tensor over the same memory
+        assert watch.check(other, [params[0].grad, None, params[2].grad])[0] == k.WATCH_CHANGED
 
     def test_explicit_gradient_list(self):
         k, params, _, watch = self._watched()
@@ -338,19 +393,18 @@ class TestTensorWatch:
         assert watch.check(params)[0] == k.WATCH_CHANGED
 
 
-@pytest.fixture(params=["torch C reader", "Tensor.data_ptr fallback"])
+@pytest.fixture(params=["torch C functions", "Python fallback"])
 def address_reader(request):
-    """Run a test with each way the native side reads tensor addresses (the C function torch
-    exports, or calling Tensor.data_ptr where a torch has none)."""
+    """Run a test with each way the native side reads tensors (the C functions torch exports for
+    header-free code, or a Python function where a torch lacks them)."""
     from trainpatterns import _kernels
-    if request.param == "torch C reader" and _kernels._torch_data_ptr_reader() == 0:
-        pytest.skip("this torch exports no C data-pointer reader")
-    if request.param != "torch C reader":
-        _kernels.set_address_reader(torch_c_reader=False)
+    native = _kernels.set_tensor_reader(request.param == "torch C functions")
+    if request.param == "torch C functions" and not native:
+        pytest.skip("this torch exports no usable C tensor functions")
     try:
         yield request.param
     finally:
-        _kernels.set_address_reader(torch_c_reader=True)
+        _kernels.set_tensor_reader(True)
 
 
 def test_address_readers_give_data_ptr_and_torch_trajectory(address_reader):

@@ -3,9 +3,15 @@
 // iterations ahead and copies small fixed-size rows (labels, ids) without a memcpy call.
 #include "loader/gather.h"
 
+#include <cerrno>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+
+#ifndef _WIN32
+#include <sys/stat.h>
+#include <unistd.h>
+#endif
 
 namespace tp::loader {
 namespace {
@@ -48,6 +54,41 @@ void gather_any(const uint8_t* base, int64_t row_bytes, int64_t num_rows, const 
 }
 
 }  // namespace
+
+FileCheck::~FileCheck() {
+#ifndef _WIN32
+  ::close(fd);
+#endif
+}
+
+std::shared_ptr<const FileCheck> make_file_check(int fd, int64_t end) {
+#ifdef _WIN32
+  (void)fd;
+  (void)end;
+  return nullptr;  // a mapped file cannot be truncated on Windows
+#else
+  if (fd < 0) return nullptr;
+  const int own = ::dup(fd);
+  if (own < 0)
+    throw std::runtime_error(std::string("could not duplicate a source file descriptor: ") + std::strerror(errno));
+  return std::make_shared<const FileCheck>(own, end);
+#endif
+}
+
+void check_file(const FileCheck& check, const std::string& source) {
+#ifndef _WIN32
+  struct stat st {};
+  if (::fstat(check.fd, &st) != 0)
+    throw std::runtime_error("source " + source + ": cannot stat its file: " + std::strerror(errno));
+  if (static_cast<int64_t>(st.st_size) < check.end)
+    throw std::runtime_error("source " + source + ": its file is now " + std::to_string(st.st_size) +
+                             " bytes but the rows end at byte " + std::to_string(check.end) +
+                             " (was it truncated while the loader ran?)");
+#else
+  (void)check;
+  (void)source;
+#endif
+}
 
 void gather_rows(const uint8_t* base, int64_t row_bytes, int64_t num_rows, const int64_t* idx, int64_t rows,
                  uint8_t* dst) {

@@ -61,11 +61,12 @@ PrefetcherConfig validated(PrefetcherConfig cfg) {
   return cfg;
 }
 
-// Per source, the bytes of its part of one batch.
+// Per source, the bytes of its part of one batch: a batch never holds more rows than the sources
+// have, however large batch_size is.
 std::vector<size_t> part_bytes(const PrefetcherConfig& cfg) {
+  const int64_t rows = std::min(cfg.batch_size, cfg.num_rows);
   std::vector<size_t> bytes;
-  for (const Source& s : cfg.sources)
-    bytes.push_back(static_cast<size_t>(s.row_bytes) * static_cast<size_t>(cfg.batch_size));
+  for (const Source& s : cfg.sources) bytes.push_back(static_cast<size_t>(s.row_bytes) * static_cast<size_t>(rows));
   return bytes;
 }
 
@@ -188,6 +189,11 @@ int Prefetcher::num_slots() const {
   return st_->pool.count();
 }
 
+size_t Prefetcher::slot_bytes() const {
+  std::lock_guard<std::mutex> lk(st_->mu);
+  return st_->pool.slot_bytes();
+}
+
 int Prefetcher::num_sources() const { return static_cast<int>(st_->cfg.sources.size()); }
 
 int64_t Prefetcher::pushed() const {
@@ -198,6 +204,10 @@ int64_t Prefetcher::pushed() const {
 int64_t Prefetcher::push_epoch(std::vector<int64_t> order, bool drop_last, int64_t first_batch) {
   PrefetchState& st = *st_;
   const int64_t n = static_cast<int64_t>(order.size());
+  // Buffers hold min(batch_size, num_rows) rows: an epoch visits each row at most once.
+  if (n > st.cfg.num_rows)
+    throw std::invalid_argument("an epoch's order lists " + std::to_string(n) + " rows but the sources have " +
+                                std::to_string(st.cfg.num_rows));
   const int64_t bs = st.cfg.batch_size;
   const int64_t batches = drop_last ? n / bs : (n + bs - 1) / bs;
   if (first_batch < 0 || first_batch > batches)
@@ -325,6 +335,7 @@ void Prefetcher::worker() {
     try {
       for (size_t s = 0; s < st.cfg.sources.size(); ++s) {
         const Source& src = st.cfg.sources[s];
+        if (src.file) check_file(*src.file, src.name);
         gather_rows(src.base, src.row_bytes, st.cfg.num_rows, idx + begin, end - begin,
                     dst[s] + begin * src.row_bytes);
       }

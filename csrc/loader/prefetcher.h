@@ -21,6 +21,7 @@
 
 #include "loader/buffer_pool.h"
 #include "loader/dlpack.h"
+#include "loader/gather.h"
 
 namespace tp::loader {
 
@@ -29,16 +30,19 @@ struct Source {
   int64_t row_bytes;
   DLDataType dtype;               // element type of the exported views
   std::vector<int64_t> trailing;  // shape of one row (product * element size == row_bytes)
+  std::string name;               // for error messages
+  std::shared_ptr<const FileCheck> file;  // set for a memory-mapped file: its size is checked per chunk
 };
 
 struct PrefetcherConfig {
   std::vector<Source> sources;  // all with num_rows rows
   int64_t num_rows = 0;
-  int64_t batch_size = 1;       // rows per batch (the last one of an epoch may have fewer)
+  int64_t batch_size = 1;       // rows per batch (the last one of an epoch may have fewer; a batch
+                                // never has more than num_rows, and neither has a buffer)
   int prefetch = 2;             // batches gathered or being gathered, not yet taken by the consumer
   int num_threads = 1;
-  // external[slot][source]: caller-owned buffers of batch_size * row_bytes bytes each. Empty: the
-  // pool allocates (and frees) its own memory.
+  // external[slot][source]: caller-owned buffers of min(batch_size, num_rows) * row_bytes bytes
+  // each. Empty: the pool allocates (and frees) its own memory.
   std::vector<std::vector<uint8_t*>> external;
 };
 
@@ -57,9 +61,9 @@ class Prefetcher {
   Prefetcher(const Prefetcher&) = delete;
   Prefetcher& operator=(const Prefetcher&) = delete;
 
-  // Appends the batches of one epoch: `order` lists the rows to visit, split into batches of
-  // batch_size (the remainder is a last, short batch unless drop_last); batches before first_batch
-  // are skipped. Returns how many batches were appended.
+  // Appends the batches of one epoch: `order` lists the rows to visit (at most num_rows of them),
+  // split into batches of batch_size (the remainder is a last, short batch unless drop_last);
+  // batches before first_batch are skipped. Returns how many batches were appended.
   int64_t push_epoch(std::vector<int64_t> order, bool drop_last, int64_t first_batch);
 
   // Waits up to timeout_s for the next batch in order (also while it is not pushed yet). False on
@@ -74,6 +78,7 @@ class Prefetcher {
   void close();  // stops and joins the threads; idempotent; held views stay valid
   bool closed() const;
   int num_slots() const;  // buffers currently allocated (owned pool) or in use (external pool)
+  size_t slot_bytes() const;  // bytes of one buffer (all sources' parts of one batch)
   int num_threads() const { return static_cast<int>(threads_.size()); }
   int num_sources() const;
   int64_t pushed() const;  // batches pushed so far

@@ -35,18 +35,17 @@ class _Bucket:
 
     indices: list  # positions in group["params"]
     table: _kernels.KernelTable
-    numels: list  # element count of each parameter, for the bulk check of new gradients
 
 
 @dataclass
 class _GroupPlan:
     """What the step of one param group needs, cached while the group's tensors do not change.
 
-    ``watch`` (native, csrc/common/tensor_watch.h) records which positions have a gradient and the
-    addresses the tables hold; its ``check`` compares the live tensors with that record in one C
-    loop every step. Gradients are held by weak reference only: after
-    ``zero_grad(set_to_none=True)`` the old gradients are freed as they would be with torch's
-    optimizers, instead of living on in the cache until the next step."""
+    ``watch`` (native, csrc/common/tensor_watch.h) records which positions have a gradient and what
+    the tables hold (addresses, element counts, dtypes); its ``check`` compares the live tensors
+    with that record in one C loop every step, storage bounds included. Gradients are held by weak
+    reference only: after ``zero_grad(set_to_none=True)`` the old gradients are freed as they would
+    be with torch's optimizers, instead of living on in the cache until the next step."""
 
     params: list  # the group's params list object (identity is checked)
     key: tuple  # structure flags (amsgrad, momentum on/off): a change rebuilds the plan
@@ -60,10 +59,7 @@ class _GroupPlan:
         return [grads[i] for i in self.active] if len(self.active) < 2 else list(operator.itemgetter(*self.active)(grads))
 
 
-_is_contiguous = torch.Tensor.is_contiguous
-_numel = torch.Tensor.numel
 _grad_of = operator.attrgetter("grad")
-_dtype_of = operator.attrgetter("dtype")
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -171,6 +167,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                                              memory_format=torch.contiguous_format)
         elif "master_param" in state:
             del state["master_param"]
+        # Loaded or hand-edited states reach the kernels as they are: their storage must hold them.
+        for key in (*self._state_tensor_names(group), "master_param"):
+            if key in state:
+                _kernels.check_storage(state[key], f"parameter {name}: state['{key}']")
         if self._public_step and "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
 
@@ -191,12 +191,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         plan = self._plans.get(key)
         if (plan is not None and plan.params is params and plan.key == self._structure_key(group)
                 and self._owns_steps(plan)):
-            status, picked = plan.watch.check(params, grads)
+            status, picked, addrs = plan.watch.check(params, grads)
             if status == _kernels.WATCH_UNCHANGED:
                 return plan  # the fast path: nothing changed since the last step
-            if status == _kernels.WATCH_NEW_GRADS:
-                self._refresh_grads(gi, plan, picked)  # same active set, new gradient tensors
-                return plan
+            if status == _kernels.WATCH_NEW_GRADS and self._refresh_grads(gi, plan, picked, addrs):
+                return plan  # same active set, new gradient tensors
         if grads is None:
             grads = list(map(_grad_of, params))
         plan = self._build_plan(gi, group, grads)
@@ -216,28 +215,22 @@ class FusedOptimizer(torch.optim.Optimizer):
         first = plan.buckets[0]
         return self.state[plan.params[first.indices[0]]]["step"]._base is first.table.steps
 
-    def _refresh_grads(self, gi: int, plan: _GroupPlan, picked: list) -> None:
-        """Point the tables at new gradient tensors. torch itself refuses a ``.grad`` of another
-        shape or device (and of another dtype unless ``grad_dtype`` was changed), but ``g.data = x``
-        can still change a gradient's size, so a bulk check of dtype, element count and contiguity
-        runs; any failure falls back to the per-tensor checks, which name the parameter."""
+    def _refresh_grads(self, gi: int, plan: _GroupPlan, picked: list, addrs: Optional[list]) -> bool:
+        """Point the tables at new gradient tensors. The native check has already matched each with
+        its slot (element count, dtype, device, contiguity, storage bounds, no lazy view) and read its
+        address; when one did not fit (``addrs`` None), the per-tensor checks raise an error naming
+        the parameter. False when they pass all the same: the caller rebuilds the plan, which reads
+        every tensor again."""
+        if addrs is None:
+            for g, i in zip(picked, plan.active):
+                _kernels.check_grad(g, plan.params[i], self._param_name(gi, i))
+            return False
         start = 0
-        grad_ptrs = []
         for bucket in plan.buckets:
-            new = picked[start:start + len(bucket.indices)]
-            start += len(new)
-            try:
-                ok = (all(map(_is_contiguous, new)) and list(map(_numel, new)) == bucket.numels
-                      and list(map(_dtype_of, new)).count(bucket.table.dtype) == len(new))
-            except RuntimeError:  # sparse tensors have no is_contiguous(); check_grad names them
-                ok = False
-            if not ok:
-                for g, i in zip(new, bucket.indices):
-                    _kernels.check_grad(g, plan.params[i], self._param_name(gi, i))
-            addrs = _kernels.data_ptrs(new)
-            bucket.table.replace_grad_addresses(addrs)
-            grad_ptrs += addrs
-        plan.watch.set_grads(picked, grad_ptrs)
+            bucket.table.replace_grad_addresses(addrs[start:start + len(bucket.indices)])
+            start += len(bucket.indices)
+        plan.watch.set_grads(picked, addrs)
+        return True
 
     def _build_plan(self, gi: int, group: dict, grads: list) -> _GroupPlan:
         params = group["params"]
@@ -283,7 +276,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             steps = torch.tensor([0.0 if fresh.get(id(p), False) else 1.0 for p in params],
                                  dtype=torch.float32, device=device)
         table = _kernels.make_table(params, [grads[i] for i in indices], rows, masters, steps, master)
-        return _Bucket(indices, table, [p.numel() for p in params])
+        return _Bucket(indices, table)
 
     # ----- the step --------------------------------------------------------------------------
 

@@ -216,7 +216,8 @@ class PrefetchLoader:
         """Pinned host buffers for the CUDA path: per slot, one per source; allocated once."""
         if self._pinned is None:
             slots = self.prefetch + 3  # in flight + the one being copied + the one handed + spare
-            self._pinned = [[torch.empty(max(1, self.batch_size * s.row_bytes), dtype=torch.uint8, pin_memory=True)
+            rows = _kernels.slot_rows(self.batch_size, self.num_rows)
+            self._pinned = [[torch.empty(max(1, rows * s.row_bytes), dtype=torch.uint8, pin_memory=True)
                              for s in self._sources] for _ in range(slots)]
         return self._pinned
 
@@ -314,6 +315,9 @@ class _LoaderIterator:
             raise StopIteration
         ld = self._loader
         try:
+            if ld._batch == 0:  # before each epoch: the memory the threads read is still where it was
+                for s in ld._sources:
+                    s.check_memory()
             if self._stage is None:
                 tensors = self._take_host()
             else:

@@ -1,8 +1,9 @@
 """The checks a tensor passes before its address reaches a kernel, with errors that name it.
 
-One message for an unsupported dtype and one check for dense, contiguous storage serve every
-kernel family (optimizers, gradient buckets, the loader); the optimizer's parameter and gradient
-checks are built from them. A bad tensor is an exception here, never a crash in native code.
+One message for an unsupported dtype and one check for dense, contiguous, eagerly evaluated memory
+that its storage really holds serve every kernel family (optimizers, gradient buckets, the
+loader); the optimizer's parameter and gradient checks are built from them. A bad tensor is an
+exception here, never a crash in native code.
 """
 from __future__ import annotations
 
@@ -23,15 +24,51 @@ def unsupported_dtype(who: str, dtype: object, supported: Iterable = SUPPORTED_P
 
 
 def check_dense(t: torch.Tensor, name: str, need: str, *, role: str = "", what: str = "storage") -> None:
-    """Raise a clear error unless ``t`` is a strided (not sparse) tensor with contiguous storage.
-    The message names ``t`` as ``role name`` (e.g. "parameter 'fc.weight'"), says why the caller
-    needs contiguous memory (``need``) and what is not contiguous (``what``); it is only built
-    when a check fails, so a passing check costs two attribute tests."""
+    """Raise a clear error unless ``t`` is a strided (not sparse), contiguous tensor whose memory
+    holds its values (not a lazy negated/conjugated view) and whose storage holds all of it. The
+    message names ``t`` as ``role name`` (e.g. "parameter 'fc.weight'"), says why the caller needs
+    contiguous memory (``need``) and what is not contiguous (``what``); it is only built when a
+    check fails."""
     if t.layout is not torch.strided:
         raise TypeError(f"{_who(role, name)}: layout {t.layout} is not supported (dense tensors only)")
     if not t.is_contiguous():
         raise ValueError(f"{_who(role, name)}: {what} is not contiguous (strides {tuple(t.stride())} for "
                          f"shape {tuple(t.shape)}); {need}")
+    if t.is_neg() or t.is_conj():
+        kind = "negated" if t.is_neg() else "conjugated"
+        raise ValueError(f"{_who(role, name)}: is a lazy {kind} view, whose memory does not hold its values; "
+                         f"call .resolve_neg() / .resolve_conj() first")
+    check_storage(t, _who(role, name))
+
+
+def storage_holds(t: torch.Tensor) -> bool:
+    """Whether the storage of a contiguous tensor holds its storage offset plus its elements (False
+    for a tensor without accessible storage)."""
+    n = t.numel()
+    if n == 0:
+        return True
+    try:
+        nbytes = t.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return (t.storage_offset() + n) * t.element_size() <= nbytes
+
+
+def check_storage(t: torch.Tensor, who: str) -> None:
+    """Raise a clear error unless ``t``'s storage holds it (see :func:`storage_holds`): a storage
+    resized under a tensor (``untyped_storage().resize_()``) leaves the tensor claiming memory that
+    is gone."""
+    if storage_holds(t):
+        return
+    try:
+        have = f"{t.untyped_storage().nbytes()} bytes"
+    except (RuntimeError, NotImplementedError, TypeError):
+        raise TypeError(f"{who}: has no accessible storage (a tensor subclass or a fake tensor?); the "
+                        f"kernels need plain tensors") from None
+    raise ValueError(f"{who}: its storage holds {have} but the tensor needs "
+                     f"{(t.storage_offset() + t.numel()) * t.element_size()} (storage offset "
+                     f"{t.storage_offset()} + {t.numel()} elements of {t.element_size()} bytes): was the "
+                     f"storage resized (untyped_storage().resize_())?")
 
 
 def _who(role: str, name: str) -> str:
@@ -69,4 +106,5 @@ def check_grad(g: torch.Tensor, p: torch.Tensor, name: str) -> None:
                          f"{tuple(p.shape)}")
     if g.device != p.device:
         raise ValueError(f"parameter {name}: gradient is on {g.device} but the parameter is on {p.device}")
-    check_dense(g, name, "the fused kernels need contiguous gradients", role="parameter", what="gradient storage")
+    check_dense(g, name, "the fused kernels need contiguous gradients", role="gradient of parameter",
+                what="gradient storage")
