@@ -180,18 +180,21 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<const py::list&, const std::vector<int64_t>&, const py::list&>(), py::arg("params"),
            py::arg("active"), py::arg("grads"))
       .def("check",
-           [](const tp::TensorWatch& w, const py::list& params, const py::object& grads) {
-             py::list picked;
+           [](const tp::TensorWatch& w, const py::list& params, const py::object& grads) -> py::object {
+             // Built once: the Unchanged answer of every ordinary step allocates nothing.
+             static PyObject* unchanged = py::make_tuple(0, py::none(), py::none()).release().ptr();
+             py::object picked = py::none();
              std::vector<std::uintptr_t> addrs;
-             const int status = static_cast<int>(w.check(params, grads, &picked, &addrs));
+             const tp::WatchStatus status = w.check(params, grads, &picked, &addrs);
+             if (status == tp::WatchStatus::Unchanged) return py::reinterpret_borrow<py::object>(unchanged);
              py::object checked = py::none();
-             if (status == static_cast<int>(tp::WatchStatus::NewGrads) && !addrs.empty()) checked = py::cast(addrs);
-             return py::make_tuple(status, picked, checked);
+             if (status == tp::WatchStatus::NewGrads && !addrs.empty()) checked = py::cast(addrs);
+             return py::make_tuple(static_cast<int>(status), picked, checked);
            },
            py::arg("params"), py::arg("grads") = py::none(),
            "(status, picked, addrs): status 0 unchanged, 1 same positions with a gradient but new gradient "
            "tensors (picked: those gradients in table order; addrs: their addresses if each fits its slot, "
-           "else None), 2 changed")
+           "else None), 2 changed; picked is None unless status is 1")
       .def("set_grads", &tp::TensorWatch::set_grads, py::arg("grads"), py::arg("addrs"));
 
   py::class_<tp::GradControl>(m, "GradControl")

@@ -300,7 +300,7 @@ class TestTensorWatch:
 
     def test_unchanged_and_new_gradient_objects(self):
         k, params, active, watch = self._watched()
-        assert watch.check(params) == (k.WATCH_UNCHANGED, [], None)
+        assert watch.check(params) == (k.WATCH_UNCHANGED, None, None)  # nothing built when nothing changed
         params[0].grad = torch.randn(5)
         status, picked, addrs = watch.check(params)
         assert status == k.WATCH_NEW_GRADS

@@ -281,6 +281,15 @@ inline bool read_facts(PyObject* t, TensorFacts* out) {
   return h != nullptr && detail::fast_facts(h, out);
 }
 
+// read_facts for an object this reader has read before (the same object, by identity): its type
+// was checked then and a Python object cannot change to a type of another layout, so the handle is
+// taken without the type checks.
+inline bool read_facts_of_known(PyObject* t, TensorFacts* out) {
+  if (detail::g_reader.offset < 0) return detail::fallback_read(t, out, nullptr);
+  void* h = reinterpret_cast<char*>(t) + detail::g_reader.offset;
+  return *static_cast<void**>(h) != nullptr && detail::fast_facts(h, out);
+}
+
 inline bool read_place(PyObject* t, TensorPlace* out) {
   if (detail::g_reader.offset < 0) return detail::fallback_read(t, nullptr, out);
   void* h = detail::handle_of(t);

@@ -108,7 +108,7 @@ void TensorWatch::set_grads(const py::list& grads, const std::vector<std::uintpt
   }
 }
 
-WatchStatus TensorWatch::check(const py::list& params, const py::object& grads, py::list* picked,
+WatchStatus TensorWatch::check(const py::list& params, const py::object& grads, py::object* picked,
                                std::vector<std::uintptr_t>* addrs) const {
   PyObject* list = params.ptr();
   if (static_cast<size_t>(PyList_GET_SIZE(list)) != has_grad_.size()) return WatchStatus::Changed;
@@ -137,7 +137,8 @@ WatchStatus TensorWatch::check(const py::list& params, const py::object& grads, 
       const Slot& s = slots_[j];
       PyObject* p = PyList_GET_ITEM(list, active_[j]);
       TensorFacts f;
-      if (p != s.param || !read_facts(p, &f) || f.ptr != s.param_ptr || !fits(s, f)) return WatchStatus::Changed;
+      if (p != s.param || !read_facts_of_known(p, &f) || f.ptr != s.param_ptr || !fits(s, f))
+        return WatchStatus::Changed;
     }
     // The same positions have a gradient (p.grad, or the caller's list standing in for it).
     for (size_t i = 0; i < has_grad_.size(); ++i) {
@@ -157,8 +158,9 @@ WatchStatus TensorWatch::check(const py::list& params, const py::object& grads, 
     for (size_t j = 0; j < slots_.size(); ++j) {
       PyObject* g = held.refs[rank_[j]];
       Seen& e = seen[j];
-      e.fits = read_facts(g, &e.facts) && fits(slots_[j], e.facts);
-      e.moved = !e.fits || e.facts.ptr != slots_[j].grad_ptr || !refers_to(slots_[j].grad_ref, g);
+      const bool same = refers_to(slots_[j].grad_ref, g);  // the object read when the table was pointed at it
+      e.fits = (same ? read_facts_of_known(g, &e.facts) : read_facts(g, &e.facts)) && fits(slots_[j], e.facts);
+      e.moved = !same || !e.fits || e.facts.ptr != slots_[j].grad_ptr;
       new_grads |= e.moved;
     }
   } catch (const std::exception&) {
@@ -175,10 +177,14 @@ WatchStatus TensorWatch::check(const py::list& params, const py::object& grads, 
                                       pl.device_type == slots_[j].device_type &&
                                       pl.device_index == slots_[j].device_index));
   }
+  py::list out(slots_.size());
   for (size_t j = 0; j < slots_.size(); ++j) {
-    picked->append(py::reinterpret_borrow<py::object>(held.refs[rank_[j]]));
+    PyObject* g = held.refs[rank_[j]];
+    Py_INCREF(g);
+    PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(j), g);  // steals the new reference
     if (all_fit) addrs->push_back(seen[j].facts.ptr);
   }
+  *picked = std::move(out);
   return WatchStatus::NewGrads;
 }
 

@@ -45,11 +45,12 @@ class TensorWatch {
   TensorWatch& operator=(const TensorWatch&) = delete;
 
   // Read every parameter's .grad (or take `grads[i]` when a list is given, None entries meaning
-  // "no gradient") and compare with what the tables hold. On NewGrads, `picked` receives the active
-  // gradients in table order and `addrs` their addresses when every one of them fits its table slot
-  // (element count, dtype, device, contiguous, in bounds, not a lazy view); `addrs` stays empty
-  // when one does not, and the caller's per-tensor checks name it.
-  WatchStatus check(const pybind11::list& params, const pybind11::object& grads, pybind11::list* picked,
+  // "no gradient") and compare with what the tables hold. On NewGrads, `picked` becomes a list of
+  // the active gradients in table order and `addrs` their addresses when every one of them fits its
+  // table slot (element count, dtype, device, contiguous, in bounds, not a lazy view); `addrs` stays
+  // empty when one does not, and the caller's per-tensor checks name it. Otherwise neither is
+  // touched: the every-step Unchanged answer builds no Python object.
+  WatchStatus check(const pybind11::list& params, const pybind11::object& grads, pybind11::object* picked,
                     std::vector<std::uintptr_t>* addrs) const;
   // After the caller re-pointed the tables at new gradients (same active positions): record them.
   void set_grads(const pybind11::list& grads, const std::vector<std::uintptr_t>& addrs);
