@@ -104,7 +104,7 @@ def _incarnation_store(world_size: int, timeout: Optional[datetime.timedelta]) -
 
     torchrun (c10d rendezvous) lets its workers use the agent's TCPStore, and that store outlives a
     restart: without a prefix, the ranks of a restarted group read the previous group's addresses
-    from it and fail to connect (torch issue 135712). ``TORCHELASTIC_RESTART_COUNT`` tells the
+    from it and fail to connect (pytorch/pytorch#135712). ``TORCHELASTIC_RESTART_COUNT`` tells the
     incarnations apart; it agrees on every rank of one torchrun agent (a single node). On several
     nodes an agent that restarts only because a peer node did keeps its count, so multi-node
     elastic jobs set ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (docs/distributed.md).
