@@ -12,8 +12,6 @@ Modes (argv[1]):
       directly too (copy=False and True), truncates every file of the checkpoint, then reads every
       restored tensor: prints "ok" when all equal what was saved (a tensor still backed by the file
       would end the process with SIGBUS instead).
-
-The state (``make_state``) and its snapshot (``snapshot``) are imported by the test as well.
 """
 import copy
 import json
@@ -32,18 +30,7 @@ import trainpatterns as tp  # noqa: E402
 from trainpatterns.checkpoint import CheckpointError, CheckpointManager  # noqa: E402
 from trainpatterns.checkpoint import _format  # noqa: E402
 
-
-class Holder:
-    """A stateful object (like a loader) holding an arbitrary tree: saved per rank."""
-
-    def __init__(self, value=None):
-        self.value = value
-
-    def state_dict(self):
-        return self.value
-
-    def load_state_dict(self, value):
-        self.value = value
+from _holder import Holder  # noqa: E402
 
 
 def make_state(seed):

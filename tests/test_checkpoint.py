@@ -26,6 +26,7 @@ import trainpatterns as tp
 from trainpatterns.checkpoint import CheckpointError, CheckpointManager, VirtualEpochs, load_weights
 from trainpatterns.checkpoint import _format, writer as writer_mod
 
+from _holder import Holder
 from _ranks import run_ranks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -107,19 +108,6 @@ def tricky_tree():
         "strided": torch.arange(60.0).reshape(6, 10)[:, 3],
         "tensors": tensors,
     }
-
-
-class Holder:
-    """A minimal stateful object (like a loader): state_dict/load_state_dict of an arbitrary tree."""
-
-    def __init__(self, value=None):
-        self.value = value
-
-    def state_dict(self):
-        return self.value
-
-    def load_state_dict(self, value):
-        self.value = value
 
 
 def small_model(seed=0, dropout=0.0):
