@@ -4,11 +4,14 @@
 ``state_dict()``/``load_state_dict()``), plain values and every RNG state; ``VirtualEpochs`` plans
 checkpoints by examples instead of passes over the data; ``load_weights`` warm-starts a module.
 The manager (API, retention) delegates to the writer (background saves) and the reader (verified
-loads); the format (safetensors + JSON, no pickle) is described in ``_format``.
+loads); the format (safetensors + JSON, no pickle) is described in ``_format``. A checkpoint that
+is sound but does not fit the model it is loaded into is a ``CheckpointMismatchError`` (``_fit``).
 """
+from ._fit import CheckpointMismatchError
 from ._format import CheckpointError
 from .manager import CheckpointInfo, CheckpointManager
 from .reader import load_weights
 from .virtual_epochs import VirtualEpoch, VirtualEpochs
 
-__all__ = ["CheckpointManager", "CheckpointInfo", "CheckpointError", "VirtualEpochs", "VirtualEpoch", "load_weights"]
+__all__ = ["CheckpointManager", "CheckpointInfo", "CheckpointError", "CheckpointMismatchError", "VirtualEpochs",
+           "VirtualEpoch", "load_weights"]

@@ -1,16 +1,17 @@
 """CheckpointManager: save and restore the full training state, atomically, checksummed, in the background.
 
-The manager is the public face of the package: it checks what it is given, coordinates the ranks
-of a distributed job, and decides which checkpoints to keep. The work is done elsewhere: the
-writer (``writer``) snapshots the state and writes, seals and commits a checkpoint in the
-background; the reader (``reader``) verifies a checkpoint and loads it; the on-disk format is in
-``_format``. Leftover ``.tmp-*`` directories (from a killed process) are removed when a manager is
-created; ``step_*.corrupt-*`` directories (damaged checkpoints moved aside when their step is saved
-again) are kept for inspection and never listed, restored or removed.
+The manager checks what it is given, coordinates the ranks of a distributed job, and decides which
+checkpoints to keep. The ``writer`` snapshots the state and writes, seals and commits a checkpoint in
+the background; the ``reader`` verifies and loads one; the on-disk format is in ``_format``, the
+directory's record (metric, mode, weights entry) in ``_record``. Leftover ``.tmp-*`` files and
+directories (from a killed process) are removed when a manager is created; ``step_*.corrupt-*``
+directories (damaged checkpoints moved aside when their step is saved again) are kept for
+inspection and never listed, restored or removed.
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
 import math
 import os
 import shutil
@@ -25,11 +26,14 @@ import numpy as np
 import torch
 
 from .._world import rank_and_world
+from ._collective import all_ok, broadcast_steps
+from ._fit import CheckpointMismatchError
 from ._format import CORRUPT_SUFFIX, STEP_DIR, TMP_PREFIX, CheckpointError, TensorSink, encode_tree, step_dir
+from ._record import RECORD, Record, read_record, settle, write_record
 from .reader import Loaded, apply_loaded, check_files, load_weights, read_manifest, try_load
 from .writer import CheckpointWriter, HostPool, Job
 
-__all__ = ["CheckpointManager", "CheckpointInfo", "CheckpointError", "load_weights"]
+__all__ = ["CheckpointManager", "CheckpointInfo", "CheckpointError", "CheckpointMismatchError", "load_weights"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -44,31 +48,6 @@ class CheckpointInfo:
     path: str
     valid: bool
     problem: Optional[str] = None
-
-
-def _collective_device() -> torch.device:
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _all_ok(ok: bool) -> bool:
-    """True on every rank iff ``ok`` on every rank."""
-    t = torch.tensor([1 if ok else 0], dtype=torch.int64, device=_collective_device())
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-    return bool(t.item())
-
-
-def _broadcast_steps(steps: list) -> list:
-    """Rank 0's list of ints, on every rank (tensors, not pickles)."""
-    dev = _collective_device()
-    n = torch.tensor([len(steps)], dtype=torch.int64, device=dev)
-    torch.distributed.broadcast(n, 0)
-    buf = torch.tensor(steps if steps else [0], dtype=torch.int64, device=dev)
-    if buf.numel() != max(int(n.item()), 1):
-        buf = torch.zeros(max(int(n.item()), 1), dtype=torch.int64, device=dev)
-    torch.distributed.broadcast(buf, 0)
-    return buf[: int(n.item())].tolist()
 
 
 def _metrics_json(metrics: Optional[Mapping[str, Any]]) -> dict:
@@ -129,7 +108,9 @@ class CheckpointManager:
         keep_last: how many of the newest checkpoints to keep (``None``: keep all).
         keep_best: how many of the best checkpoints by ``metrics[metric]`` to keep in addition.
         metric: the metric name ``keep_best`` and ``restore("best")`` rank by.
-        mode: ``"min"`` or ``"max"``: whether a smaller or larger metric is better.
+        mode: ``"min"`` or ``"max"``: whether a smaller or larger metric is better (default "min").
+        weights_key: the state entry that holds the model, which :meth:`load_weights` loads when
+            not told ``key=``.
         async_save: write in a background thread (the caller only waits for the host snapshot).
         rng: save the RNG states (Python ``random``, numpy's global generator, torch CPU, every CUDA
             device) with every checkpoint and restore them in :meth:`restore`. ``False`` opts out.
@@ -141,29 +122,37 @@ class CheckpointManager:
 
     With torch.distributed initialised, every rank must create the manager and call ``save`` and
     ``restore`` with the same arguments (they coordinate), and ``directory`` must be one shared
-    filesystem path.
+    filesystem path. The directory records ``metric``, ``mode`` and ``weights_key`` (``manager.json``, written by
+    rank 0 at the first save): a manager not given them takes the recorded ones, so
+    ``CheckpointManager(directory).load_weights(model, "best")`` needs no more. Given ones win.
     """
 
     def __init__(self, directory: PathLike, keep_last: Optional[int] = 3, keep_best: int = 0,
-                 metric: Optional[str] = None, mode: str = "min", async_save: bool = True, *,
-                 rng: bool = True, per_rank: Optional[Iterable[str]] = None, timeout: float = 600.0) -> None:
+                 metric: Optional[str] = None, mode: Optional[str] = None, async_save: bool = True, *,
+                 weights_key: Optional[str] = None, rng: bool = True, per_rank: Optional[Iterable[str]] = None,
+                 timeout: float = 600.0) -> None:
         if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0):
             raise ValueError(f"keep_last must be an int >= 0 or None (keep all), got {keep_last!r}")
         if isinstance(keep_best, bool) or not isinstance(keep_best, int) or keep_best < 0:
             raise ValueError(f"keep_best must be an int >= 0, got {keep_best!r}")
         if keep_last == 0 and keep_best == 0:
             raise ValueError("keep_last=0 with keep_best=0 would keep no checkpoint; use keep_last=None to keep all")
-        if mode not in ("min", "max"):
+        if mode not in (None, "min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        if keep_best and not metric:
-            raise ValueError("keep_best > 0 needs metric= (the metrics key to rank checkpoints by)")
+        for name, value in (("metric", metric), ("weights_key", weights_key)):
+            if value is not None and not (isinstance(value, str) and value):
+                raise ValueError(f"{name} must be a non-empty string or None, got {value!r}")
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         self.directory = os.path.abspath(os.fspath(directory))
         self.keep_last = keep_last
         self.keep_best = keep_best
-        self.metric = metric
-        self.mode = mode
+        self._given = Record(metric, mode, weights_key)
+        self._on_disk: Optional[Record] = None  # the record as last read or written, None when unknown
+        self._settle()
+        if keep_best and not self.metric:
+            raise ValueError(f"keep_best > 0 needs metric= (the metrics key to rank checkpoints by); the "
+                             f"directory {self.directory} records none")
         self.async_save = bool(async_save)
         self.rng = bool(rng)
         self.per_rank = None if per_rank is None else frozenset(per_rank)
@@ -191,7 +180,9 @@ class CheckpointManager:
         failed, in which case this call saves nothing. With ``async_save`` it returns once the state
         is snapshotted to host memory; the write, fsync and commit run in the background (errors at
         the next ``save``/``wait``). Otherwise it returns once the checkpoint is committed.
-        ``metrics``: numbers (Python, numpy or one-element tensors) kept in the manifest.
+        ``metrics``: numbers (Python, numpy or one-element tensors) kept in the manifest. Rank 0
+        records the manager's metric, mode and weights entry in the directory when its record
+        differs (the first save, usually).
         """
         self._join()
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
@@ -200,6 +191,8 @@ class CheckpointManager:
         metrics = _metrics_json(metrics)
         self._check_state(state)
         rank, world = rank_and_world()
+        if rank == 0:
+            self._write_record()
         job = Job(step=step, metrics=metrics, directory=self.directory, rank=rank, world=world, timeout=self.timeout)
         if os.path.exists(job.final):
             self._move_aside_if_bad(job.final, rank)
@@ -219,6 +212,11 @@ class CheckpointManager:
 
     def __exit__(self, *exc) -> None:
         self._join()
+
+    @property
+    def restored_from(self) -> Optional[str]:
+        """The checkpoint directory the last restore loaded (kept by retention), or None."""
+        return self._restored_from
 
     def list(self, verify: bool = False) -> list[CheckpointInfo]:
         """Every checkpoint in the directory, oldest step first. ``valid`` checks that the manifest
@@ -249,19 +247,21 @@ class CheckpointManager:
         present, else CPU). Every entry of ``state`` must be in the checkpoint; checkpoint entries
         absent from ``state`` are ignored with a warning. RNG states are restored unless ``rng=False``.
         Entries are loaded in ``state``'s order; if an object's own ``load_state_dict`` raises (say,
-        a shape mismatch), the entries before it have been loaded.
+        a shape mismatch), the entries before it have been loaded. A module the checkpoint does not
+        fit is a CheckpointMismatchError naming the missing and unexpected keys and the mismatched
+        shapes in its first line.
         """
         self._join()
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict of name -> object, got {type(state).__qualname__}")
         self._check_state(state)
-        if which == "best" and not self.metric:  # checked on every rank, before any collective
-            raise ValueError("restore('best') needs the manager's metric= to rank checkpoints by")
+        if which == "best":  # checked on every rank, before any collective
+            self._need_metric()
         rank, world = rank_and_world()
         if which in ("latest", "best"):
             steps = self._ranked_steps(which) if rank == 0 else []
             if world > 1:
-                steps = _broadcast_steps(steps)
+                steps = broadcast_steps(steps)
             if not steps:
                 return None
             loaded, path = self._load_first_usable(steps, rank, world)
@@ -273,10 +273,16 @@ class CheckpointManager:
     def load_weights(self, module: torch.nn.Module, which: Union[str, int, PathLike] = "latest", *,
                      key: Optional[str] = None, strict: bool = True):
         """Warm start: load only a module's weights from a checkpoint of this manager (``which`` as in
-        :meth:`restore`; "latest"/"best" fall back past bad checkpoints with a warning). See
-        :func:`load_weights`."""
+        :meth:`restore`; "latest"/"best" fall back past bad checkpoints with a warning). ``key``
+        defaults to the manager's ``weights_key`` (given or recorded). See :func:`load_weights`."""
         self._join()
+        if key is None:
+            if self._given.weights_key is None:
+                self._settle()  # the directory may have been recorded since this manager was created
+            key = self.weights_key
         if which in ("latest", "best"):
+            if which == "best":
+                self._need_metric()
             return self._load_weights_first_usable(module, self._ranked_steps(which), key, strict)
         return load_weights(module, self._resolve(which), key=key, strict=strict)
 
@@ -293,6 +299,30 @@ class CheckpointManager:
         for name in state:
             if not isinstance(name, str) or not name:
                 raise TypeError(f"state keys must be non-empty strings, got {name!r}")
+
+    def _settle(self) -> None:
+        """Metric, mode and weights entry: those given, the rest from the directory's record (a
+        malformed record is a CheckpointError, raised only when something is taken from it)."""
+        given = self._given
+        if None in (given.metric, given.mode, given.weights_key):
+            self._on_disk = read_record(self.directory)
+        used = settle(given, self._on_disk)
+        self.metric, self.mode, self.weights_key = used.metric, used.mode, used.weights_key
+
+    def _need_metric(self) -> None:
+        if not self.metric and self._given.metric is None:
+            self._settle()  # the directory may have been recorded since this manager was created
+        if not self.metric:
+            raise ValueError(f"'best' needs a metric to rank checkpoints by: pass metric= (the directory "
+                             f"{self.directory} records none in {RECORD})")
+
+    def _write_record(self) -> None:
+        """Rank 0 records metric, mode and weights entry at the first save where the directory's
+        record differs (nothing when there is nothing to record)."""
+        want = Record(self.metric, self.mode if self.metric else None, self.weights_key)
+        if want != Record() and want != self._on_disk:
+            write_record(self.directory, want)
+            self._on_disk = want
 
     def _move_aside_if_bad(self, final: str, rank: int) -> None:
         """A good checkpoint for this step is never overwritten (CheckpointError). A bad one (a run
@@ -320,16 +350,18 @@ class CheckpointManager:
 
     def _apply_retention(self, just_written: str) -> None:
         """Run by the writer after each commit: keep the newest ``keep_last`` good checkpoints, the
-        best ``keep_best``, the one just written and the one restored from; remove the rest."""
+        best ``keep_best``, the one just written and the one restored from; remove the rest. The
+        last two are compared by real path: a restore through a symlinked path still pins its
+        checkpoint."""
         if self.keep_last is None:
             return
         infos = [i for i in self.list() if i.valid]
         keep = {i.path for i in infos[max(0, len(infos) - self.keep_last):]}
         if self.keep_best:
             keep |= {i.path for i in self._best_first(infos)[: self.keep_best]}
-        keep |= {just_written, self._restored_from}
+        pinned = {os.path.realpath(p) for p in (just_written, self._restored_from) if p}
         for info in infos:
-            if info.path not in keep:
+            if info.path not in keep and os.path.realpath(info.path) not in pinned:
                 _remove_checkpoint(info.path)
 
     def _best_first(self, infos: list) -> list:
@@ -338,9 +370,12 @@ class CheckpointManager:
         return [i for _, i in scored]
 
     def _remove_leftovers(self) -> None:
-        for n in os.listdir(self.directory):
-            if n.startswith(TMP_PREFIX):
-                shutil.rmtree(os.path.join(self.directory, n), ignore_errors=True)
+        for path in (os.path.join(self.directory, n) for n in os.listdir(self.directory) if n.startswith(TMP_PREFIX)):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:  # a record being replaced
+                with contextlib.suppress(OSError):
+                    os.remove(path)
 
     # ----- hooks of restore() and load_weights() ---------------------------------------------
 
@@ -362,8 +397,6 @@ class CheckpointManager:
         good = [i for i in infos if i.valid]
         if which == "latest":
             return [i.step for i in reversed(good)]
-        if not self.metric:
-            raise ValueError("restore('best') needs the manager's metric= to rank checkpoints by")
         return [i.step for i in self._best_first(good)]
 
     def _resolve(self, which: Union[int, PathLike]) -> str:
@@ -383,7 +416,7 @@ class CheckpointManager:
         for step in steps:
             path = step_dir(self.directory, step)
             loaded, err = try_load(path, rank)
-            ok = loaded is not None if world == 1 else _all_ok(loaded is not None)
+            ok = loaded is not None if world == 1 else all_ok(loaded is not None)
             if ok:
                 return loaded, path
             warnings.warn(f"checkpoint {path} is unusable, trying an older one: "
@@ -393,7 +426,7 @@ class CheckpointManager:
     def _load_on_every_rank(self, path: str, rank: int, world: int) -> Loaded:
         """Checkpoint ``path`` loaded, or CheckpointError if any rank cannot read it."""
         loaded, err = try_load(path, rank)
-        if world > 1 and not _all_ok(loaded is not None):
+        if world > 1 and not all_ok(loaded is not None):
             raise CheckpointError(f"checkpoint {path} cannot be restored: {err or 'another rank could not read it'}")
         if loaded is None:
             raise CheckpointError(f"checkpoint {path} cannot be restored: {err}")

@@ -22,6 +22,7 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 
+from ._fit import load_module
 from ._format import (FORMAT, STEP_DIR, VERSION, CheckpointError, brief, check_file_name, crc32, decode_tree,
                       entry_kind, manifest_crc, open_regular, rank_base, read_json_file, read_safetensors)
 from ._rng import check_rng, restore_rng
@@ -242,6 +243,9 @@ def apply_loaded(state: dict, loaded: Loaded, path: str, rng: bool) -> int:
         where = f"{path}: state[{name!r}]"
         if entry_kind(obj) == "value":
             state[name] = decode_tree(e["tree"], tensors, obj, where)
+        elif entry_kind(obj) == "module":
+            load_module(obj, decode_tree(e["tree"], tensors, obj.state_dict(), where), True,
+                        f"checkpoint {path} entry {name!r}")
         else:
             obj.load_state_dict(decode_tree(e["tree"], tensors, obj.state_dict(), where))
     if rng:
@@ -258,8 +262,9 @@ def load_weights(module: torch.nn.Module, path: PathLike, *, key: Optional[str] 
     start: no optimizer, RNG or loader state is touched. ``key`` names the entry when the checkpoint
     holds several modules (default: the only one). ``strict`` as in ``Module.load_state_dict`` (use
     ``strict=False`` after replacing a head). Checksums are verified; a damaged or malformed
-    checkpoint is a CheckpointError. Returns what ``load_state_dict`` returns (missing and
-    unexpected keys)."""
+    checkpoint is a CheckpointError; weights that do not fit the module (other keys or shapes) are a
+    CheckpointMismatchError naming them in its first line. Returns what ``load_state_dict`` returns
+    (missing and unexpected keys)."""
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"load_weights needs a torch.nn.Module, got {type(module).__qualname__}")
     path = os.path.abspath(os.fspath(path))
@@ -267,7 +272,7 @@ def load_weights(module: torch.nn.Module, path: PathLike, *, key: Optional[str] 
         tensors, _ = read_safetensors(path, copy=False)
         live = module.state_dict()
         sd = {k: (t.to(live[k].device) if k in live else t) for k, t in tensors.items()}
-        return module.load_state_dict(sd, strict=strict)
+        return load_module(module, sd, strict, f"weights file {path}")
     if not os.path.isdir(path):
         raise CheckpointError(f"no checkpoint at {path}")
     with _malformed(path):
@@ -285,4 +290,4 @@ def load_weights(module: torch.nn.Module, path: PathLike, *, key: Optional[str] 
     with _malformed(path):
         tensors = _read_tensors(path, manifest, e["file"], copy=False) if e.get("file") else {}
         sd = _decode_entry(e, tensors, module.state_dict(), f"{spath}: state[{key!r}]")
-    return module.load_state_dict(sd, strict=strict)
+    return load_module(module, sd, strict, f"checkpoint {path} entry {key!r}")
