@@ -188,8 +188,8 @@ def run_trainer(rank: int, outdir: str) -> dict:
     model = trainer_model(seed=rank)  # rank 1 starts elsewhere: the wrap must broadcast rank 0's values
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = FusedAdamW(model.parameters(), lr=1e-2, max_grad_norm=1.0)
-    n = job.x.shape[0] // WORLD  # rows per rank
-    plan = VirtualEpochs(n, TRAINER_BATCH, stop_point=TRAINER_STEPS * TRAINER_BATCH / n, num_checkpoints=3)
+    n, batch = job.x.shape[0], TRAINER_BATCH * WORLD  # the plan counts examples over all ranks
+    plan = VirtualEpochs(n, batch, stop_point=TRAINER_STEPS * batch / n, num_checkpoints=3)
     trainer = Trainer(model, job.loss_fn, opt, (job.x, job.y), (job.x_val, job.y_val),
                       checkpoint_dir=os.path.join(outdir, "trainer_run"), plan=plan, progress=False,
                       num_threads=1, async_save=False)

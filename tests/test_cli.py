@@ -41,7 +41,7 @@ def test_train_default_task_resume_and_plot(tmp_path, capsys):
     assert rc == 0, err
     assert "interpolation mode" in out
     epochs = [ln for ln in out.splitlines() if ln.startswith("epoch")]
-    assert len(epochs) == 5 and "step      0" in epochs[0] and "max err" in epochs[-1]
+    assert len(epochs) == 5 and "step 0 " in epochs[0] and "max_error" in epochs[-1]
     lines = [json.loads(s) for s in open(os.path.join(d, "metrics.jsonl"))]
     assert [m["step"] for m in lines] == [10, 20, 30, 40]
     assert lines[-1]["train_loss"] < lines[0]["train_loss"]
@@ -61,7 +61,7 @@ def test_train_default_task_resume_and_plot(tmp_path, capsys):
     # --resume with a larger budget continues from the last checkpoint (settings from config.json)
     rc, out, err = run(capsys, "train", "--resume", "--run-dir", d, "--steps", "60", "--no-progress")
     assert rc == 0, err
-    assert "resumed" in out and "at step 40" in out
+    assert "resumed from step 40 (" in out and "rescaled the restored CosineAnnealingLR" in out
     lines = [json.loads(s) for s in open(os.path.join(d, "metrics.jsonl"))]
     assert [m["step"] for m in lines] == [10, 20, 30, 40, 50, 60]
 
@@ -82,7 +82,7 @@ def test_train_on_npz_classification(tmp_path, capsys):
     rc, out, err = run(capsys, "train", "--data", str(path), "--steps", "60", "--batch-size", "32",
                        "--checkpoints", "3", "--no-progress", "--run-dir", d)
     assert rc == 0, err
-    assert "4-class classification" in out and "val loss" in out
+    assert "4-class classification" in out and "val_loss" in out
     lines = [json.loads(s) for s in open(os.path.join(d, "metrics.jsonl"))]
     assert lines[-1]["val_loss"] < np.log(4)
 

@@ -24,7 +24,7 @@ from _ranks import PYTHON_DIR  # noqa: E402
 WORKER = Path(__file__).with_name("_elastic_worker.py")
 CLI_WRAPPER = Path(__file__).with_name("_elastic_cli.py")
 TIMEOUT_S = 150
-TIME_FIELDS = ("time_s", "samples_per_s")
+TIME_FIELDS = ("time_s", "samples_per_s", "elapsed_s")
 
 
 def launch(tmp_path: Path, name: str, kills: str, cli_args: Optional[list] = None) -> tuple[subprocess.Popen, Path]:

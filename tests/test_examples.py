@@ -18,6 +18,7 @@ ARGS = {
     "fused_optimizer.py": ["--steps", "40"],
     "sync_data_parallel.py": ["--steps", "20"],
     "trainer.py": ["run"],
+    "trainer_classifier.py": ["--run-dir", "run", "--rows", "512"],
     "tune_builtin.py": ["--trials", "3", "--steps", "60", "--db", "study.db"],
 }
 
@@ -53,3 +54,16 @@ def test_sync_example_on_two_ranks(tmp_path):
     for rank, (code, out, err) in enumerate(results):
         assert code == 0, f"rank {rank}: {err[-4000:]}"
     assert "parameters identical on all 2 ranks: True" in results[0][1], results[0][1][-2000:]
+
+
+def test_classifier_example_resumes_after_a_kill_and_runs_on_two_ranks(tmp_path):
+    single = run_example("trainer_classifier.py", tmp_path)
+    assert single.returncode == 0, single.stderr[-4000:]
+    assert "(killed)" in single.stdout and "resumed from step" in single.stdout, single.stdout[-2000:]
+    assert "val_acc" in single.stdout and "test: loss" in single.stdout
+    results = run_ranks([str(EXAMPLES / "trainer_classifier.py"), "--run-dir", "two", "--rows", "512"], world=2,
+                        timeout_s=180, cwd=str(tmp_path))
+    for rank, (code, out, err) in enumerate(results):
+        assert code == 0, f"rank {rank}: {err[-4000:]}"
+    assert "joined the torchrun job as rank 0 of 2" in results[0][1] and "(rank 0 of 2)" in results[0][1]
+    assert results[1][1] == "", "rank 1 printed"

@@ -6,7 +6,7 @@ Public API, re-exported here (each module documents its part):
 * ``trainpatterns.data``: ``PrefetchLoader`` (native gather threads) and ``device_prefetch``.
 * ``trainpatterns.checkpoint``: ``CheckpointManager`` and ``VirtualEpochs``.
 * ``trainpatterns.distributed``: ``init_from_env`` and ``SyncDataParallel``.
-* ``trainpatterns.train``: the ``Trainer`` and its ``Callback`` interface.
+* ``trainpatterns.train``: the ``Trainer``, its ``Callback`` interface and ``EarlyStopping``.
 * ``trainpatterns.transfer``: ``freeze``, ``unfreeze``, ``param_groups`` and more.
 * ``trainpatterns.overfit``: ``overfit_check``, ``distill``, ``distillation_loss``.
 * ``trainpatterns.tuning``: ``create_study``, ``load_study``, ``Study``, ``Trial``, samplers, pruners.
@@ -22,7 +22,7 @@ import torch  # noqa: F401  (loads torch's OpenMP runtime before ours)
 
 from . import distributed, overfit, transfer
 from ._kernels import build_info
-from .callbacks import Callback
+from .callbacks import Callback, EarlyStopping
 from .checkpoint import CheckpointManager, VirtualEpochs
 from .data import PrefetchLoader, device_prefetch
 from .distributed import SyncDataParallel, init_from_env
@@ -54,6 +54,7 @@ __all__ = [
     # the training loop
     "Trainer",
     "Callback",
+    "EarlyStopping",
     # transfer learning
     "transfer",
     "freeze",

@@ -1,10 +1,15 @@
-"""This process's rank and the job's world size, whether or not torch.distributed is in use.
+"""This process's rank and the job's world size, whether or not torch.distributed is in use, and the
+small agreements the ranks make (rank 0's value for all, "does any rank say yes?").
 
-Checkpoints, the Trainer and the CLI each ask "am I rank 0, and how many ranks are there?"; one
-function answers for all, without importing the distribution strategies.
+Checkpoints, the Trainer and the CLI each ask "am I rank 0, and how many ranks are there?" and need
+every rank to act on one decision; these functions answer for all, without importing the
+distribution strategies. In a single process each is the identity.
 """
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 import torch.distributed as dist
 
 
@@ -13,3 +18,21 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def agree(rank0_value: Any, world: int) -> Any:
+    """Rank 0's value (a picklable object) on every rank; every rank must call it."""
+    if world == 1:
+        return rank0_value
+    box = [rank0_value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(flag: bool, world: int, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on at least one; every rank must call it."""
+    if world == 1:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

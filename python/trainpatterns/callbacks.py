@@ -23,13 +23,15 @@ callback with state returns it from ``state_dict()`` (JSON-able values only) and
 ``load_state_dict()``; the Trainer saves it in every checkpoint.
 
 The attributes a callback may use on ``trainer``: ``model``, ``optimizer``, ``scheduler`` (or None),
-``epoch``, ``step``, and ``stop_training`` (set it to True to end ``fit()`` after this epoch).
+``epoch``, ``step``, ``monitor``, ``mode``, ``say`` (one line to the user), and ``stop_training`` (set
+it to True to end ``fit()`` after this epoch). :class:`EarlyStopping` is the built-in one.
 """
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Optional
 
-__all__ = ["Callback"]
+__all__ = ["Callback", "EarlyStopping"]
 
 
 class Callback:
@@ -55,3 +57,58 @@ class Callback:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+class EarlyStopping(Callback):
+    """Stop training when ``monitor`` has not improved by more than ``min_delta`` for ``patience``
+    virtual epochs in a row.
+
+    ``mode`` (``"min"``/``"max"``) defaults to the Trainer's when ``monitor`` is the Trainer's
+    monitored key, else ``"min"``. A NaN or missing-improvement epoch counts as not improving. The
+    state (best value, epochs without improvement) is saved in every checkpoint, and a run that
+    stopped early stays stopped when resumed. Under torchrun every rank sees the same record, so
+    every rank stops at the same virtual epoch.
+    """
+
+    def __init__(self, monitor: str = "val_loss", patience: int = 3, min_delta: float = 0.0,
+                 mode: Optional[str] = None) -> None:
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience must be an int >= 1 (virtual epochs), got {patience!r}")
+        if not (isinstance(min_delta, (int, float)) and math.isfinite(min_delta) and min_delta >= 0):
+            raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
+        if mode not in (None, "min", "max"):
+            raise ValueError(f"mode must be 'min', 'max' or None, got {mode!r}")
+        self.monitor = monitor
+        self.patience = patience
+        self.min_delta = float(min_delta)
+        self.mode = mode
+        self.best: Optional[float] = None
+        self.wait = 0
+        self.stopped_epoch: Optional[int] = None
+
+    def on_fit_start(self, trainer: Any) -> None:
+        if self.mode is None:
+            self.mode = trainer.mode if self.monitor == getattr(trainer, "monitor", None) else "min"
+
+    def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict) -> None:
+        if self.monitor not in metrics:
+            raise ValueError(f"EarlyStopping monitors {self.monitor!r}, which the records do not hold "
+                             f"(they hold {sorted(k for k, v in metrics.items() if isinstance(v, float))})")
+        value = float(metrics[self.monitor])
+        sign = 1.0 if self.mode == "min" else -1.0
+        if math.isfinite(value) and (self.best is None or sign * (self.best - value) > self.min_delta):
+            self.best, self.wait = value, 0
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.stopped_epoch = epoch + 1
+            trainer.stop_training = True
+            trainer.say(f"early stopping after virtual epoch {epoch + 1}: {self.monitor} has not improved on "
+                        f"{self.best} by more than {self.min_delta} for {self.patience} virtual epochs")
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "wait": self.wait, "stopped_epoch": self.stopped_epoch, "mode": self.mode}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.wait = state["best"], int(state["wait"])
+        self.stopped_epoch, self.mode = state["stopped_epoch"], state["mode"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -30,12 +31,12 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from ._kernels import build_info
-from .callbacks import Callback
 from .checkpoint import VirtualEpochs
 from .distributed import init_from_env, shutdown
 from .optim import FusedAdamW
 from .overfit import overfit_check
 from .pendulum import DEFAULTS, Job, UsageError, pendulum_data
+from ._world import agree
 from .train import Trainer, _first_line
 from .tuning.cli import register as _register_tune
 
@@ -119,15 +120,6 @@ def _join_torchrun() -> tuple[int, int]:
     return info.rank, info.world_size
 
 
-def _agree(rank0_value, world: int):
-    """Rank 0's value on every rank (a picklable object; itself in a single process)."""
-    if world == 1:
-        return rank0_value
-    box = [rank0_value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _restarted_by_torchrun(args: argparse.Namespace) -> bool:
     """True when torchrun (``--max-restarts``) restarted this group and the run it started exists:
     the run then continues from its newest checkpoint, as with ``--resume``. Restartable runs need
@@ -183,7 +175,7 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> int:
                    f"--run-dir")
     # Rank 0's directory and verdict for all: the ranks' clocks may straddle a second, and rank 1
     # must not find the directory non-empty because rank 0 has already started writing into it.
-    run_dir, problem = _agree((run_dir, problem), world)
+    run_dir, problem = agree((run_dir, problem), world)
     if problem is not None:
         raise UsageError(problem)
     n = job.x.shape[0]
@@ -196,28 +188,15 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> int:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=plan.total_steps)
     val = (job.x_val, job.y_val) if job.x_val is not None else None
 
-    class PrintEpochs(Callback):
-        def on_epoch_end(self, trainer, epoch, m):
-            line = (f"epoch {epoch + 1:3d}/{plan.num_epochs}  step {m['step']:6d}  train {job.loss_name} "
-                    f"{m['train_loss']:.3e}")
-            if "val_loss" in m:
-                line += f"  val {job.loss_name} {m['val_loss']:.3e}"
-            if "max_error" in m:
-                line += f"  max err {m['max_error']:.3e}"
-            line += f"  {m['samples_per_s']:,.0f} samples/s{'  *best' if m['best'] else ''}"
-            if rank == 0:
-                _print_line(line)
-
     trainer = Trainer(model, job.loss_fn, opt, (job.x, job.y), val, checkpoint_dir=run_dir, plan=plan,
-                      scheduler=sched, callbacks=[PrintEpochs()], interpolation=job.interpolation,
-                      progress=not args.no_progress and rank == 0, seed=cfg["seed"], resume=resume,
-                      num_threads=1 if cfg["data"] is None else None)
+                      scheduler=sched, interpolation=job.interpolation, progress=not args.no_progress,
+                      seed=cfg["seed"], resume=resume, num_threads=1 if cfg["data"] is None else None,
+                      rescale_schedule=saved is not None and cfg["steps"] != saved.get("steps"))
     step = trainer.restore() if resume else None
     if step is None and args.resume:
         raise UsageError(f"--resume: {run_dir} holds no usable checkpoint")
     if step is not None:
-        trainer.resume = False  # restored already
-        say(f"resumed {run_dir} at step {step} of {plan.total_steps}")
+        trainer.resume = False  # restored already (the Trainer said from where)
     else:
         if rank == 0:
             with open(os.path.join(run_dir, "config.json"), "w") as f:
@@ -230,7 +209,7 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> int:
             f"FusedAdamW){ranks} -> {run_dir}")
         with torch.no_grad():
             init = trainer.evaluate((job.x, job.y))
-        say(f"epoch   0/{plan.num_epochs}  step      0  train {job.loss_name} {init:.3e}")
+        say(f"epoch 0/{plan.num_epochs}  step 0  train_loss {init:.4g}")
     start = time.perf_counter()
     trainer.fit()
     best = trainer.best or {}
@@ -340,7 +319,8 @@ def _job_arguments(p: argparse.ArgumentParser, steps_help: str) -> None:
                                                       "built-in damped-pendulum task")
     p.add_argument("--samples", type=int, help=f"pendulum states to generate (default {DEFAULTS['samples']})")
     p.add_argument("--steps", type=int, help=steps_help)
-    p.add_argument("--batch-size", type=int, help=f"rows per step (default {DEFAULTS['batch_size']})")
+    p.add_argument("--batch-size", type=int, help=f"examples per optimizer step, over all ranks under torchrun "
+                                                  f"(default {DEFAULTS['batch_size']})")
     p.add_argument("--lr", type=float, help=f"learning rate (default {DEFAULTS['lr']})")
     p.add_argument("--hidden", type=int, help=f"MLP width (default {DEFAULTS['hidden']})")
     p.add_argument("--seed", type=int, help="seed for data, initialisation and shuffling (default 0)")
@@ -376,8 +356,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Stdout(logging.Handler):
+    """The library's INFO lines on the current ``sys.stdout`` (looked up at each line, so a
+    replaced stdout, as under pytest's capture, gets them)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stdout, flush=True)
+
+
+def _show_library_lines() -> None:
+    """The command line shows what the library says at INFO (the Trainer's summary lines when the
+    progress bar is off), as plain lines on stdout, once."""
+    log = logging.getLogger("trainpatterns")
+    if not any(isinstance(h, _Stdout) for h in log.handlers):
+        log.addHandler(_Stdout())
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_library_lines()
     try:
         return args.func(args)
     except UsageError as e:

@@ -5,42 +5,43 @@
 checkpoint intervals), feeds array data through the native
 :class:`~trainpatterns.data.PrefetchLoader` (any iterable of batches otherwise), saves the full
 training state at every virtual epoch through :class:`~trainpatterns.checkpoint.CheckpointManager`,
-resumes automatically from ``checkpoint_dir``, validates per virtual epoch, keeps the best
-checkpoint by validation loss, appends one JSON line of metrics per virtual epoch to
-``metrics.jsonl``, and shows a tqdm bar (loss, samples/s, ETA). Everything else is a callback
-(:mod:`trainpatterns.callbacks`).
+resumes automatically from ``checkpoint_dir``, validates per virtual epoch (the loss and the user's
+``metrics``), keeps the best checkpoint by ``monitor``/``mode``, appends one JSON line per virtual
+epoch to ``metrics.jsonl``, says one summary line per virtual epoch and shows a tqdm bar. Gradient
+accumulation and mixed precision are in :mod:`._train_step`, evaluation and prediction in
+:mod:`._train_eval`; everything else is a callback (:mod:`trainpatterns.callbacks`).
 
 Exact resume: with array data the loader position, the RNG states, the optimizer, the scheduler,
-the plan and the callbacks' state are all in the checkpoint, so a resumed run continues with the
-batches the uninterrupted one would have seen. With an arbitrary iterable the loop restarts it.
-A resume also cuts ``metrics.jsonl`` back to the records up to the restored step (a killed run may
-have left a torn line or records of epochs that run again), so the file reads as one run's.
+the GradScaler, the plan and the callbacks' state are all in the checkpoint, so a resumed run
+continues with the batches the uninterrupted one would have seen. ``metrics.jsonl`` is cut back to
+the records up to the restored step (a killed run may have left a torn line or records of epochs
+that run again), so the file reads as one run's.
 
-Distributed (torchrun): when ``torch.distributed`` is initialised with more than one process, the
-model is wrapped in ``trainpatterns.distributed.SyncDataParallel`` (gradients averaged by bucketed
-all-reduce; frozen parameters are not communicated), each rank reads its own contiguous shard of
-array data, ``train_loss`` is the mean over every rank's steps, and only rank 0 shows progress
-and writes ``metrics.jsonl`` (the CheckpointManager coordinates the ranks' saves). Under
-``torchrun --max-restarts`` each incarnation resumes from the newest checkpoint every rank can read,
-so a run that lost a rank ends as the uninterrupted one would have (bitwise on CPU).
+Distributed (torchrun): with ``WORLD_SIZE > 1`` the Trainer joins the job itself, wraps the model
+in :class:`~trainpatterns.distributed.SyncDataParallel`, gives each rank its contiguous shard of
+array data, and makes every decision once: the metrics of a virtual epoch are reduced over the ranks
+and rank 0's record is the one every rank acts on (best checkpoint, schedulers, callbacks), and the
+run stops when any rank's callbacks ask. Only rank 0 speaks and writes ``metrics.jsonl``.
 """
 from __future__ import annotations
 
 import math
 import os
 import time
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from . import _metrics_log
-from ._train_data import batch_rows, is_array_data, num_rows, shard
+from . import _metrics_log, _schedule, _train_eval
+from ._train_data import is_array_data, num_rows, shard
+from ._train_progress import Progress, Speaker, summary
+from ._train_setup import check_data, check_metrics, check_monitor, default_plan, join_torchrun, split_batch
+from ._train_step import Stepper
 from ._tree import to_device
-from ._world import rank_and_world
-from .callbacks import Callback
-from .checkpoint import CheckpointError, CheckpointManager, VirtualEpochs
+from ._world import agree, any_rank, rank_and_world
+from .callbacks import Callback, EarlyStopping
+from .checkpoint import CheckpointError, CheckpointManager
 from .data import PrefetchLoader
 from .distributed import SyncDataParallel
 from .optim import FusedAdamW
@@ -48,11 +49,20 @@ from .overfit import disable_regularization, max_error
 
 __all__ = ["Trainer"]
 
+_RECORD_KEYS = ("epoch", "step", "train_loss", "val_loss", "max_error", "lr", "samples_per_s", "time_s",
+                "elapsed_s", "best")
+
+
 def _first_line(e: BaseException) -> str:
     """The first line of ``e``'s message (its type name when the message is empty): what the
     one-line error reports of the Trainer and the command line show."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def _one_line(e: BaseException) -> str:
+    """``e``'s whole message on one line (torch's state-dict errors list the keys on later lines)."""
+    return " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip()) or type(e).__name__
 
 
 class _Stateful:
@@ -69,7 +79,7 @@ class _Stateful:
 
 
 class Trainer:
-    """Train ``model`` by virtual epochs with checkpoints, validation, progress and callbacks.
+    """Train ``model`` by virtual epochs with checkpoints, validation, metrics, progress and callbacks.
 
     Args:
         model: the module to train (its device is where batches go).
@@ -78,34 +88,48 @@ class Trainer:
         optimizer: a torch or trainpatterns optimizer; None: ``FusedAdamW(lr=1e-3)`` over the
             trainable parameters.
         train_data: array data (a tensor/array, or a tuple/list/dict of them with one row per
-            example: read by the native PrefetchLoader, shuffled, endless) or any re-iterable of
-            batches (restarted when exhausted).
-        val_data: the same kinds, for the validation loss after every virtual epoch (optional).
+            example: read by the native PrefetchLoader, shuffled, endless; each rank reads its own
+            contiguous shard) or any re-iterable of batches (restarted when exhausted; each rank
+            iterates its own).
+        val_data: the same kinds, evaluated after every virtual epoch (split over the ranks).
         checkpoint_dir: where checkpoints and ``metrics.jsonl`` go; None: no checkpoints.
-        plan: a VirtualEpochs; default for array data: 10 passes in 10 virtual epochs.
-        batch_size: rows per step for array data (default the plan's, else 32).
-        scheduler: an LR scheduler stepped after every optimizer step (saved with the state).
-        callbacks: :class:`~trainpatterns.callbacks.Callback` objects.
+        plan: a VirtualEpochs counting examples over all ranks (its ``batch_size`` is the global
+            batch); default for array data: 10 passes in 10 virtual epochs.
+        batch_size: rows per rank per micro-batch (default: from ``global_batch_size`` or the plan,
+            else 32).
+        global_batch_size: examples per optimizer step over all ranks: ``batch_size * world size *
+            accumulate``; give this or ``batch_size``.
+        scheduler: an LR scheduler, stepped after every optimizer step; a ``ReduceLROnPlateau`` is
+            stepped once per virtual epoch with the ``monitor`` value. Saved with the state.
+        callbacks: :class:`~trainpatterns.callbacks.Callback` objects (``EarlyStopping``...).
+        metrics: ``{name: fn(outputs, targets) -> float}`` computed on validation data, weighted
+            by rows over every batch and rank, recorded under ``name``.
+        monitor, mode: the record key (``"val_loss"`` by default, ``"train_loss"`` without
+            validation data) and direction (``"min"``/``"max"``) that pick the best checkpoint and
+            feed metric-driven schedulers.
+        accumulate: micro-batches per optimizer step (gradients summed locally, all-reduced once).
+        precision: ``"bf16"`` or ``"fp16"`` autocast (fp16 with a GradScaler); None or "fp32": none.
         compute_loss: ``compute_loss(model, batch) -> loss`` replacing the ``(inputs, targets)`` rule.
-        interpolation: interpolation mode for noise-free complete data: dropout and weight decay are
-            switched off and ``max_error`` (worst absolute error over the whole training data) is
-            reported every virtual epoch (see :mod:`trainpatterns.overfit`).
-        keep_last, keep_best: checkpoint retention (the best by ``val_loss``, or ``train_loss``
-            without validation data).
+        interpolation: interpolation mode for noise-free complete data: dropout and weight decay off,
+            ``max_error`` (worst absolute error over the whole training data) every virtual epoch.
+        keep_last, keep_best: checkpoint retention (the best by ``monitor``).
         resume: restore the latest good checkpoint from ``checkpoint_dir`` at ``fit()`` (default).
-        progress: show the tqdm bar (rank 0 only).
-        seed: the loader's shuffling seed.
-        num_threads: the loader's gather threads.
+        rescale_schedule: when a resume restores a scheduler whose length (``T_max``,
+            ``total_iters``) differs from the one built, continue on the one built (warned otherwise).
+        progress: show the tqdm bar and print the summary lines (rank 0); False: log them at INFO.
+        seed: the loader's shuffling seed.  num_threads: the loader's gather threads.
         async_save: write checkpoints in the background.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Optional[Callable], optimizer: Optional[torch.optim.Optimizer],
                  train_data: Any, val_data: Any = None, checkpoint_dir: Optional[str] = None, plan: Any = None, *,
-                 batch_size: Optional[int] = None, scheduler: Any = None, callbacks: Sequence[Callback] = (),
-                 compute_loss: Optional[Callable[[nn.Module, Any], torch.Tensor]] = None,
+                 batch_size: Optional[int] = None, global_batch_size: Optional[int] = None, scheduler: Any = None,
+                 callbacks: Sequence[Callback] = (), metrics: Optional[Mapping[str, Callable]] = None,
+                 monitor: Optional[str] = None, mode: str = "min", accumulate: int = 1,
+                 precision: Optional[str] = None, compute_loss: Optional[Callable[[nn.Module, Any], torch.Tensor]] = None,
                  interpolation: bool = False, keep_last: int = 3, keep_best: int = 1, resume: bool = True,
-                 progress: bool = True, seed: int = 0, num_threads: Optional[int] = None,
-                 async_save: bool = True) -> None:
+                 rescale_schedule: bool = False, progress: bool = True, seed: int = 0,
+                 num_threads: Optional[int] = None, async_save: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if loss_fn is None and compute_loss is None:
@@ -118,45 +142,37 @@ class Trainer:
         self.compute_loss = compute_loss
         self.scheduler = scheduler
         self.callbacks = list(callbacks)
+        self.metrics = check_metrics(metrics, _RECORD_KEYS)
         self.interpolation = bool(interpolation)
         self.progress = bool(progress)
         self.resume = bool(resume)
+        self.rescale_schedule = bool(rescale_schedule)
         self.seed = seed
         self.num_threads = num_threads
         self.stop_training = False
         self.history: list = []
-        self.best: Optional[dict] = None  # metrics of the best virtual epoch so far
+        self.best: Optional[dict] = None  # the best virtual epoch's epoch, step and monitored value
         self.step = 0
         self.epoch = 0
         ref = next(model.parameters(), None)
         self.device = ref.device if ref is not None else torch.device("cpu")
 
+        joined = join_torchrun(self.device)
+        self.rank, self.world = rank_and_world()
+        self.say = Speaker(self.rank, self.progress)
+        if joined:
+            self.say(joined)
         if optimizer is None:
             optimizer = FusedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         self.optimizer = optimizer
         if self.interpolation:
             disable_regularization(model, optimizer)
-
-        self.rank, self.world = rank_and_world()
-        self._array_train = is_array_data(train_data)
-        if self._array_train:
-            n = num_rows(train_data)
-            if n == 0:
-                raise ValueError("train_data has no rows")
-        elif not isinstance(train_data, Iterable):
-            raise TypeError(f"train_data must be array data or an iterable of batches, got {type(train_data).__name__}")
-        if val_data is not None and not is_array_data(val_data) and not isinstance(val_data, Iterable):
-            raise TypeError(f"val_data must be array data or an iterable of batches, got {type(val_data).__name__}")
-        if plan is not None and batch_size is not None and plan.batch_size != batch_size:
-            raise ValueError(f"batch_size {batch_size} differs from the plan's {plan.batch_size}")
-        self.batch_size = batch_size or (plan.batch_size if plan is not None else 32)
-        if self._array_train and n < self.batch_size:
-            raise ValueError(f"train_data has {n} rows, fewer than one batch of {self.batch_size}")
-        if plan is None:
-            if not self._array_train:
-                raise ValueError("an iterable train_data needs plan=VirtualEpochs(num_examples, batch_size, ...)")
-            plan = VirtualEpochs(n, self.batch_size, stop_point=10, num_checkpoints=10)
-        self.plan = plan
+        self._array_train = check_data(train_data, val_data)
+        self.batch_size, self.global_batch_size = split_batch(
+            batch_size, global_batch_size, plan.batch_size if plan is not None else None, self.world,
+            accumulate)
+        self.plan = plan if plan is not None else default_plan(train_data, self._array_train, self.global_batch_size)
+        self.monitor, self.mode = check_monitor(monitor, mode, val_data is not None, self.metrics, self.interpolation)
         self.train_data = train_data
         self.val_data = val_data
         self.loader = None
@@ -165,34 +181,32 @@ class Trainer:
             if num_rows(mine) < self.batch_size:
                 raise ValueError(f"train_data has {num_rows(mine)} rows per process, fewer than one batch of "
                                  f"{self.batch_size}")
-            self.loader = PrefetchLoader(mine, self.batch_size, shuffle=True, seed=seed, drop_last=True,
-                                         epochs=None, num_threads=num_threads, device=self._loader_device())
-        self.model = self._wrap(model)
+            self.loader = PrefetchLoader(mine, self.batch_size, shuffle=True, seed=seed, drop_last=True, epochs=None,
+                                         num_threads=num_threads,
+                                         device=self.device if self.device.type == "cuda" else None)
+        self.model = SyncDataParallel(model) if self.world > 1 else model
+        self.stepper = Stepper(self.model, optimizer, self._loss, self.device, precision, accumulate)
+        self.accumulate = accumulate
 
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         self.manager = None
-        self.metric = "val_loss" if val_data is not None else "train_loss"
         if self.checkpoint_dir is not None:
             self.manager = CheckpointManager(self.checkpoint_dir, keep_last=keep_last, keep_best=keep_best,
-                                             metric=self.metric if keep_best else None, mode="min",
+                                             metric=self.monitor, mode=self.mode, weights_key="model",
                                              async_save=async_save, per_rank=["loader"])
 
     # ----- setup helpers -------------------------------------------------------------------------
 
-    def _loader_device(self):
-        return self.device if self.device.type == "cuda" else None
-
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        """SyncDataParallel under torchrun (world size > 1), the model itself otherwise."""
-        if self.world == 1:
-            return model
-        return SyncDataParallel(model)
+    @property
+    def metric(self) -> str:
+        """The monitored record key (the name ``monitor`` had before it could be chosen)."""
+        return self.monitor
 
     def _state(self) -> dict:
         """What a checkpoint holds, in restore order: callbacks first (they may reshape the
         optimizer's groups before its state is loaded), then model, optimizer, the rest."""
         state = {
-            "callbacks": _Stateful(lambda: {str(i): cb.state_dict() for i, cb in enumerate(self.callbacks)},
+            "callbacks": _Stateful(lambda: {k: cb.state_dict() for k, cb in self._callback_keys()},
                                    self._load_callbacks),
             "model": self.module,
             "optimizer": self.optimizer,
@@ -201,13 +215,28 @@ class Trainer:
         }
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler
+        if self.stepper.scaler is not None:
+            state["scaler"] = self.stepper.scaler
         if self.loader is not None:
             state["loader"] = self.loader
         return state
 
+    def _callback_keys(self) -> list:
+        """``(key, callback)``: keys are class names (``#2`` for a second of the same class), so
+        adding or reordering other callbacks does not hand one's state to another."""
+        seen: dict = {}
+        keys = []
+        for cb in self.callbacks:
+            name = type(cb).__name__
+            seen[name] = seen.get(name, 0) + 1
+            keys.append((name if seen[name] == 1 else f"{name}#{seen[name]}", cb))
+        return keys
+
     def _load_callbacks(self, state: dict) -> None:
-        for i, cb in enumerate(self.callbacks):
-            if str(i) in state:
+        for i, (key, cb) in enumerate(self._callback_keys()):
+            if key in state:
+                cb.load_state_dict(state[key])
+            elif str(i) in state:  # directories that keyed callbacks by position
                 cb.load_state_dict(state[str(i)])
 
     def _load_trainer(self, state: dict) -> None:
@@ -241,30 +270,42 @@ class Trainer:
     def restore(self) -> Optional[int]:
         """Restore the newest checkpoint every rank can read; the step restored from, or None for a
         fresh run. ``metrics.jsonl`` is then cut back to the records up to that step (rank 0). A
-        checkpoint that does not fit this model/optimizer raises ValueError (nothing is saved)."""
+        checkpoint that does not fit this model/optimizer raises ValueError naming the missing and
+        unexpected keys and mismatched shapes (nothing is saved)."""
         if self.manager is None:
             return None
+        built = _schedule.length_of(self.scheduler)
         try:
             step = self.manager.restore(self._state())
         except CheckpointError as e:
-            raise ValueError(f"cannot resume from {self.checkpoint_dir}: {_first_line(e)}") from e
+            raise ValueError(f"cannot resume from {self.checkpoint_dir}: {_one_line(e)}") from e
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
-            raise ValueError(f"checkpoint directory {self.checkpoint_dir} does not fit this model/optimizer "
-                             f"({_first_line(e)})") from e
+            raise ValueError(f"checkpoint directory {self.checkpoint_dir} does not fit this model/optimizer: "
+                             f"{_one_line(e)}") from e
         if step is not None:
             self._tidy_metrics(step)
+            self.say(f"resumed from step {step} ({self.manager.restored_from})")
+            _schedule.check_length(self.scheduler, built, self.plan.total_steps, self.rescale_schedule, self.say)
         return step
 
     def fit(self) -> list:
-        """Train until the plan's budget is spent (or a callback sets ``stop_training``); returns
-        the per-virtual-epoch metrics (the history, resumed runs included)."""
+        """Train until the plan's budget is spent or a callback sets ``stop_training`` (a run that
+        :class:`EarlyStopping` stopped stays stopped when resumed); returns the per-virtual-epoch
+        records (resumed runs included)."""
         for cb in self.callbacks:
             cb.on_fit_start(self)
         if self.resume and self.restore() is None:
             self._tidy_metrics(0)  # no checkpoint committed: records a killed run wrote start again
         self.step, self.epoch = self.plan.step, self.plan.epoch
-        bar = self._progress_bar()
+        stopped = [cb.stopped_epoch for cb in self.callbacks if isinstance(cb, EarlyStopping) and cb.stopped_epoch]
+        if stopped:
+            self.say(f"the run stopped early after virtual epoch {stopped[0]} (EarlyStopping): nothing to train")
+            return self.history
+        bar = Progress(self.progress and self.rank == 0, self.plan.total_steps, self.plan.step, self.world,
+                       self.plan.num_epochs, ("val_loss", *self.metrics))
+        bar.last = self.history[-1] if self.history else {}
         batches = self._batches()
+        plateau = _schedule.is_metric_driven(self.scheduler)
         try:
             for vepoch in self.plan:
                 self.epoch = vepoch.index
@@ -274,43 +315,24 @@ class Trainer:
                 total = torch.zeros((), dtype=torch.float64, device=self.device)
                 count, rows, t0 = 0, 0, time.perf_counter()
                 for step in vepoch:
-                    batch = next(batches)
-                    loss = self._loss(batch)
-                    if loss.dim() != 0:
-                        raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    self.optimizer.step()
-                    if self.scheduler is not None:
+                    loss, n = self.stepper(batches)
+                    if self.scheduler is not None and not plateau:
                         self.scheduler.step()
-                    detached = loss.detach()
-                    total += detached
+                    total += loss
                     count += 1
-                    rows += batch_rows(batch)
+                    rows += n
                     self.step = step + 1
                     for cb in self.callbacks:
-                        cb.on_step_end(self, self.step, detached)
-                    if bar is not None and (count % 10 == 0 or count == len(vepoch) or count == 1):
-                        elapsed = time.perf_counter() - t0
-                        bar.set_postfix(loss=f"{float(total) / count:.4g}",
-                                        samples_s=f"{rows * self.world / max(elapsed, 1e-9):,.0f}",
-                                        vepoch=f"{vepoch.index + 1}/{self.plan.num_epochs}", refresh=False)
-                    if bar is not None:
-                        bar.update(1)
+                        cb.on_step_end(self, self.step, loss)
+                    bar.step(count, len(vepoch) + count - 1, float(total) / count, rows, t0, vepoch.index)
                 if count == 0:
                     continue
-                elapsed = time.perf_counter() - t0
-                metrics = self._epoch_metrics(vepoch.index, self._mean_over_ranks(total, count), rows, elapsed)
-                for cb in self.callbacks:
-                    cb.on_epoch_end(self, vepoch.index, metrics)
-                self.history.append(metrics)
-                self._save(metrics)
-                self._write_metrics(metrics)
+                bar.last = self._end_epoch(vepoch.index, self._mean_over_ranks(total, count), rows,
+                                           time.perf_counter() - t0, plateau)
                 if self.stop_training:
                     break
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
             batches.close()
             if self.loader is not None:
                 self.loader.close()
@@ -320,9 +342,30 @@ class Trainer:
             cb.on_fit_end(self)
         return self.history
 
+    def _end_epoch(self, index: int, train_loss: float, rows: int, elapsed: float, plateau: bool) -> dict:
+        """Everything after a virtual epoch's steps, decided once for all ranks: the record, the
+        callbacks, the stop, a metric-driven scheduler, the checkpoint and the log line."""
+        metrics = agree(self._epoch_metrics(index, train_loss, rows, elapsed), self.world)  # times differ by rank
+        value = metrics.get(self.monitor)
+        if value is not None and math.isfinite(value) and (self.best is None or self._better(value, self.best[self.monitor])):
+            self.best = {"epoch": metrics["epoch"], "step": metrics["step"], self.monitor: value}
+            metrics["best"] = True
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, index, metrics)
+        self.stop_training = any_rank(self.stop_training, self.world, self.device)
+        if plateau and value is not None:
+            self.scheduler.step(value)
+        self.history.append(metrics)
+        self._save(metrics)
+        self._write_metrics(metrics)
+        self.say(summary(metrics, self.plan.num_epochs, list(self.metrics)))
+        return metrics
+
+    def _better(self, value: float, best: float) -> bool:
+        return value < best if self.mode == "min" else value > best
+
     def _mean_over_ranks(self, total: torch.Tensor, count: int) -> float:
-        """The virtual epoch's mean training loss over every rank's steps: the same number on every
-        rank, so that callbacks and the best-checkpoint choice decide alike everywhere."""
+        """The virtual epoch's mean training loss over every rank's steps."""
         if self.world == 1:
             return float(total) / count
         both = torch.stack([total, total.new_tensor(float(count))])  # float64, on the model's device
@@ -332,46 +375,34 @@ class Trainer:
     def _epoch_metrics(self, index: int, train_loss: float, rows: int, elapsed: float) -> dict:
         metrics = {"epoch": index + 1, "step": self.step, "train_loss": train_loss}
         if self.val_data is not None:
-            metrics["val_loss"] = self.evaluate(self.val_data)
+            scores = _train_eval.evaluate(self, self.val_data, self.metrics)
+            metrics["val_loss"] = scores.pop("loss")
+            metrics.update(scores)
         if self.interpolation:
             metrics["max_error"] = self._train_max_error()
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
         metrics["samples_per_s"] = rows * self.world / max(elapsed, 1e-9)
         metrics["time_s"] = elapsed
-        value = metrics.get(self.metric)
-        is_best = value is not None and math.isfinite(value) and (
-            self.best is None or value < self.best.get(self.metric, math.inf))
-        if is_best:
-            self.best = {k: metrics[k] for k in ("epoch", "step", self.metric)}
-        metrics["best"] = bool(is_best)
+        before = self.history[-1].get("elapsed_s", 0.0) if self.history else 0.0
+        metrics["elapsed_s"] = before + elapsed
+        metrics["best"] = False
         return metrics
 
     def evaluate(self, data: Any) -> float:
         """Mean loss over ``data`` (array data or an iterable of batches), weighted by batch rows,
-        in eval mode without gradients."""
-        was = self.model.training
-        self.model.eval()
-        total, rows = 0.0, 0
-        try:
-            with torch.no_grad():
-                for batch in self._eval_batches(data):
-                    n = batch_rows(batch)
-                    total += float(self._loss(batch)) * n
-                    rows += n
-        finally:
-            self.model.train(was)
-        if rows == 0:
-            raise ValueError("the validation data yielded no batch")
-        return total / rows
+        in eval mode without gradients, split over the ranks (every rank must call it)."""
+        return _train_eval.evaluate(self, data, {})["loss"]
 
-    def _eval_batches(self, data: Any):
-        if is_array_data(data):
-            with PrefetchLoader(data, max(self.batch_size, 1024), shuffle=False, num_threads=self.num_threads) as ld:
-                for batch in ld:
-                    yield to_device(batch, self.device, non_blocking=True)
-        else:
-            for batch in data:
-                yield to_device(batch, self.device, non_blocking=True)
+    def test(self, data: Any) -> dict:
+        """``{"test_loss": ..., <each metric name>: ...}`` over ``data``: the validation metrics of
+        a finished model on held-out data (every rank must call it; every rank gets the result)."""
+        scores = _train_eval.evaluate(self, data, self.metrics)
+        return {"test_loss": scores.pop("loss"), **scores}
+
+    def predict(self, data: Any) -> Any:
+        """The model's outputs for ``data`` (inputs, or ``(inputs, targets)`` whose targets are
+        ignored), in order, on the CPU: one tensor when the outputs are tensors."""
+        return _train_eval.predict(self, data)
 
     def _train_max_error(self) -> float:
         data = self.train_data
@@ -397,25 +428,16 @@ class Trainer:
             _metrics_log.append(self.metrics_path, metrics)
 
     def _tidy_metrics(self, step: int) -> None:
-        """Make ``metrics.jsonl`` hold this run's records up to ``step`` and nothing after (rank 0):
-        a killed run may have left a torn last line, records past its last checkpoint, or none for
-        that checkpoint's own virtual epoch; this run writes the ones after ``step`` again."""
+        """Make ``metrics.jsonl`` hold this run's records up to ``step`` and nothing after (rank 0)."""
         if self.metrics_path is not None and self.rank == 0:
             _metrics_log.tidy(self.metrics_path, step, self.history)
-
-    def _progress_bar(self):
-        if not self.progress or self.rank != 0:
-            return None
-        return tqdm(total=self.plan.total_steps, initial=self.plan.step, unit="step", dynamic_ncols=True,
-                    desc="train", leave=True)
 
     def restore_best(self) -> Optional[int]:
         """Load the best checkpoint's weights into the model (warm start / final model); its step."""
         if self.manager is None:
             raise ValueError("restore_best needs checkpoint_dir")
         self.manager.wait()
-        best = [i for i in self.manager.list() if i.valid]
-        if not best:
+        if not [i for i in self.manager.list() if i.valid]:
             return None
         self.manager.load_weights(self.module, "best", key="model")
         return self.best["step"] if self.best else None

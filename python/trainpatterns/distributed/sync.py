@@ -214,6 +214,12 @@ class SyncDataParallel(nn.Module):
             self._broadcast(list(self.module.buffers()))
         return self.module(*args, **kwargs)
 
+    def sync_buffers(self) -> None:
+        """Copy rank 0's buffers (BatchNorm running statistics...) into every rank's module: what
+        the forward does in training mode, for callers that evaluate (every rank then scores with
+        the same statistics). Every rank must call it; a no-op in a single process."""
+        self._broadcast(list(self.module.buffers()))
+
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
         """The backward of a forward run inside accumulates gradients locally (as in DDP, the forward
