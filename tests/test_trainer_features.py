@@ -274,3 +274,50 @@ def test_a_checkpoint_of_another_model_names_keys_and_shapes_on_one_line(tmp_pat
     for part in ("missing keys ['3.weight', '3.bias']", "0.weight: checkpoint (8, 4) vs model (9, 4)",
                  "2.weight: checkpoint (2, 8) vs model (2, 9)"):
         assert part in message, message
+
+
+def test_fp16_with_a_fused_optimizer_unscales_in_its_step_like_torch_adamw():
+    from trainpatterns.optim import FusedAdamW
+
+    data = batches(4, 6, seed=3)
+    torch.manual_seed(0)
+    model, reference = nn.Linear(3, 1), nn.Linear(3, 1)
+    reference.load_state_dict(model.state_dict())
+    t = Trainer(model, F.mse_loss, FusedAdamW(model.parameters(), lr=0.05), data, plan=VirtualEpochs(24, 6, 1, 1),
+                precision="fp16", progress=False)
+    t.fit()
+    opt = torch.optim.AdamW(reference.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu")
+    for x, y in data:
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.mse_loss(reference(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert t.stepper.scaler.get_scale() == scaler.get_scale()
+
+
+def test_interpolation_ends_with_the_lbfgs_finish_in_the_last_checkpoint(tmp_path):
+    from trainpatterns.checkpoint import load_weights
+    from trainpatterns.overfit import max_error
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(256, 2, generator=g) * 2 - 1
+    y = torch.stack([torch.sin(2 * x[:, 0]) * x[:, 1], torch.cos(x[:, 0] + x[:, 1])], 1)
+    last = {}
+    for finish in (False, {"max_iter": 200}):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 2))
+        t = Trainer(model, F.mse_loss, None, (x, y), checkpoint_dir=tmp_path / str(bool(finish)),
+                    plan=VirtualEpochs(256, 32, 4, 2), interpolation=True, interpolation_finish=finish, progress=False)
+        history = t.fit()
+        assert history[-1]["max_error"] == max_error(model, x, y)  # the record is the finished model's
+        saved = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 2))
+        load_weights(saved, t.manager.list()[-1].path)
+        assert all(torch.equal(p, q) for p, q in zip(saved.parameters(), model.parameters()))
+        last[bool(finish)] = history
+    assert last[True][0]["max_error"] == last[False][0]["max_error"]  # the same Adam epochs before the finish
+    assert last[True][-1]["max_error"] < 0.2 * last[False][-1]["max_error"]

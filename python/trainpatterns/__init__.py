@@ -8,7 +8,7 @@ Public API, re-exported here (each module documents its part):
 * ``trainpatterns.distributed``: ``init_from_env`` and ``SyncDataParallel``.
 * ``trainpatterns.train``: the ``Trainer``, its ``Callback`` interface and ``EarlyStopping``.
 * ``trainpatterns.transfer``: ``freeze``, ``unfreeze``, ``param_groups`` and more.
-* ``trainpatterns.overfit``: ``overfit_check``, ``distill``, ``distillation_loss``.
+* ``trainpatterns.overfit``: ``overfit_check``, ``interpolate``, ``lbfgs_finish``, ``distill``, ``distillation_loss``.
 * ``trainpatterns.tuning``: ``create_study``, ``load_study``, ``Study``, ``Trial``, samplers, pruners.
 
 ``torch`` is imported first so that the native module shares its OpenMP runtime. The tuning package
@@ -27,7 +27,7 @@ from .checkpoint import CheckpointManager, VirtualEpochs
 from .data import PrefetchLoader, device_prefetch
 from .distributed import SyncDataParallel, init_from_env
 from .optim import FusedAdagrad, FusedAdam, FusedAdamW, FusedSGD
-from .overfit import distill, distillation_loss, overfit_check
+from .overfit import distill, distillation_loss, interpolate, lbfgs_finish, overfit_check
 from .train import Trainer
 from .transfer import freeze, param_groups, unfreeze
 
@@ -63,6 +63,8 @@ __all__ = [
     # useful overfitting and distillation
     "overfit",
     "overfit_check",
+    "interpolate",
+    "lbfgs_finish",
     "distill",
     "distillation_loss",
     # hyperparameter tuning (samplers and pruners live in trainpatterns.tuning)

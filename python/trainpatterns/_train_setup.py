@@ -6,7 +6,7 @@ ranks train alone and collide on the checkpoint directory; :func:`join_torchrun`
 arguments into the rows each rank reads per micro-step and the examples one optimizer step covers
 over all ranks (the unit a :class:`~trainpatterns.checkpoint.VirtualEpochs` plan counts in), so two
 ranks pass over the data as often as one. The ``check_*`` functions turn bad arguments into clear
-errors before anything is built.
+errors before anything is built; :class:`Stateful` lets the Trainer checkpoint its own bookkeeping.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from ._train_data import is_array_data, num_rows
 from .checkpoint import VirtualEpochs
 from .distributed import init_from_env, shutdown
 
-__all__ = ["check_data", "check_metrics", "check_monitor", "default_plan", "join_torchrun", "split_batch"]
+__all__ = ["Stateful", "check_data", "check_metrics", "check_monitor", "default_plan", "join_torchrun", "split_batch"]
 
 _failed = False  # an exception reached the top level: leave the job without a barrier
 
@@ -141,3 +141,16 @@ def check_monitor(monitor: Optional[str], mode: str, has_val: bool, metrics: Map
     if monitor not in known:
         raise ValueError(f"monitor {monitor!r} is not a recorded metric; this run records {known}")
     return monitor, mode
+
+
+class Stateful:
+    """Adapts a getter/setter pair to the state_dict protocol the CheckpointManager saves."""
+
+    def __init__(self, get: Callable[[], dict], put: Callable[[dict], None]) -> None:
+        self._get, self._put = get, put
+
+    def state_dict(self) -> dict:
+        return self._get()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._put(state)

@@ -6,19 +6,21 @@ inner micro-batches run under the data-parallel wrapper's ``no_sync()`` (forward
 forward decides whether its backward synchronises), so only the last backward all-reduces.
 ``precision`` runs the forward under ``torch.autocast`` (bf16 or fp16); fp16 also scales the loss
 with a ``GradScaler`` whose ``step`` unscales, checks for inf/NaN, clips and updates in one fused
-pass with the trainpatterns optimizers.
+pass with the trainpatterns optimizers. Interpolation mode ends its plan with one more kind of step,
+:func:`finish_interpolation`: full-batch L-BFGS in float64 where Adam stalls.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
 
 from ._train_data import batch_rows
+from .overfit import LBFGSReport, lbfgs_finish
 
-__all__ = ["PRECISIONS", "Stepper"]
+__all__ = ["PRECISIONS", "Stepper", "finish_interpolation"]
 
 PRECISIONS = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -71,3 +73,16 @@ class Stepper:
         else:
             self.optimizer.step()
         return total / self.accumulate, rows
+
+
+def finish_interpolation(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, options: Mapping,
+                         rank: int, world: int) -> Optional[LBFGSReport]:
+    """The L-BFGS finish (:func:`~trainpatterns.overfit.lbfgs_finish` with ``options``) on the whole
+    training data: on rank 0, whose parameters are then broadcast (a time limit could stop the
+    ranks at different iterations); the report on rank 0, None elsewhere."""
+    report = lbfgs_finish(module, inputs, targets, **options) if rank == 0 else None
+    if world > 1:
+        with torch.no_grad():
+            for p in module.parameters():
+                torch.distributed.broadcast(p.data, src=0)
+    return report

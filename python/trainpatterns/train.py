@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -36,8 +36,8 @@ from torch import nn
 from . import _metrics_log, _schedule, _train_eval
 from ._train_data import is_array_data, num_rows, shard
 from ._train_progress import Progress, Speaker, summary
-from ._train_setup import check_data, check_metrics, check_monitor, default_plan, join_torchrun, split_batch
-from ._train_step import Stepper
+from ._train_setup import Stateful, check_data, check_metrics, check_monitor, default_plan, join_torchrun, split_batch
+from ._train_step import Stepper, finish_interpolation
 from ._tree import to_device
 from ._world import agree, any_rank, rank_and_world
 from .callbacks import Callback, EarlyStopping
@@ -63,19 +63,6 @@ def _first_line(e: BaseException) -> str:
 def _one_line(e: BaseException) -> str:
     """``e``'s whole message on one line (torch's state-dict errors list the keys on later lines)."""
     return " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip()) or type(e).__name__
-
-
-class _Stateful:
-    """Adapts a getter/setter pair to the state_dict protocol the CheckpointManager saves."""
-
-    def __init__(self, get: Callable[[], dict], put: Callable[[dict], None]) -> None:
-        self._get, self._put = get, put
-
-    def state_dict(self) -> dict:
-        return self._get()
-
-    def load_state_dict(self, state: dict) -> None:
-        self._put(state)
 
 
 class Trainer:
@@ -112,6 +99,9 @@ class Trainer:
         compute_loss: ``compute_loss(model, batch) -> loss`` replacing the ``(inputs, targets)`` rule.
         interpolation: interpolation mode for noise-free complete data: dropout and weight decay off,
             ``max_error`` (worst absolute error over the whole training data) every virtual epoch.
+        interpolation_finish: in interpolation mode, end the plan's last virtual epoch with
+            :func:`~trainpatterns.overfit.lbfgs_finish` on the whole training data (True: its
+            defaults; a dict: its keyword arguments; False: no finish).
         keep_last, keep_best: checkpoint retention (the best by ``monitor``).
         resume: restore the latest good checkpoint from ``checkpoint_dir`` at ``fit()`` (default).
         rescale_schedule: when a resume restores a scheduler whose length (``T_max``,
@@ -127,7 +117,7 @@ class Trainer:
                  callbacks: Sequence[Callback] = (), metrics: Optional[Mapping[str, Callable]] = None,
                  monitor: Optional[str] = None, mode: str = "min", accumulate: int = 1,
                  precision: Optional[str] = None, compute_loss: Optional[Callable[[nn.Module, Any], torch.Tensor]] = None,
-                 interpolation: bool = False, keep_last: int = 3, keep_best: int = 1, resume: bool = True,
+                 interpolation: bool = False, interpolation_finish: Union[bool, Mapping] = True, keep_last: int = 3, keep_best: int = 1, resume: bool = True,
                  rescale_schedule: bool = False, progress: bool = True, seed: int = 0,
                  num_threads: Optional[int] = None, async_save: bool = True) -> None:
         if not isinstance(model, nn.Module):
@@ -144,6 +134,8 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.metrics = check_metrics(metrics, _RECORD_KEYS)
         self.interpolation = bool(interpolation)
+        self.finish = dict(interpolation_finish) if isinstance(interpolation_finish, Mapping) else (
+            {} if interpolation_finish else None)
         self.progress = bool(progress)
         self.resume = bool(resume)
         self.rescale_schedule = bool(rescale_schedule)
@@ -206,12 +198,12 @@ class Trainer:
         """What a checkpoint holds, in restore order: callbacks first (they may reshape the
         optimizer's groups before its state is loaded), then model, optimizer, the rest."""
         state = {
-            "callbacks": _Stateful(lambda: {k: cb.state_dict() for k, cb in self._callback_keys()},
+            "callbacks": Stateful(lambda: {k: cb.state_dict() for k, cb in self._callback_keys()},
                                    self._load_callbacks),
             "model": self.module,
             "optimizer": self.optimizer,
             "plan": self.plan,
-            "trainer": _Stateful(lambda: {"best": self.best or {}, "history": self.history}, self._load_trainer),
+            "trainer": Stateful(lambda: {"best": self.best or {}, "history": self.history}, self._load_trainer),
         }
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler
@@ -374,6 +366,12 @@ class Trainer:
 
     def _epoch_metrics(self, index: int, train_loss: float, rows: int, elapsed: float) -> dict:
         metrics = {"epoch": index + 1, "step": self.step, "train_loss": train_loss}
+        training = elapsed  # the optimizer steps' time; the finish adds to the epoch's time, not the rate
+        if self.interpolation and self.finish is not None and self.plan.step >= self.plan.total_steps:
+            report = finish_interpolation(self.module, *self._train_arrays(), self.finish, self.rank, self.world)
+            if report is not None:
+                self.say(str(report))
+                elapsed += report.seconds
         if self.val_data is not None:
             scores = _train_eval.evaluate(self, self.val_data, self.metrics)
             metrics["val_loss"] = scores.pop("loss")
@@ -381,7 +379,7 @@ class Trainer:
         if self.interpolation:
             metrics["max_error"] = self._train_max_error()
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
-        metrics["samples_per_s"] = rows * self.world / max(elapsed, 1e-9)
+        metrics["samples_per_s"] = rows * self.world / max(training, 1e-9)
         metrics["time_s"] = elapsed
         before = self.history[-1].get("elapsed_s", 0.0) if self.history else 0.0
         metrics["elapsed_s"] = before + elapsed
@@ -404,12 +402,14 @@ class Trainer:
         ignored), in order, on the CPU: one tensor when the outputs are tensors."""
         return _train_eval.predict(self, data)
 
-    def _train_max_error(self) -> float:
+    def _train_arrays(self) -> tuple:
         data = self.train_data
         if not (isinstance(data, (tuple, list)) and len(data) == 2 and is_array_data(data)):
             raise ValueError("interpolation mode needs train_data as (inputs, targets) arrays for max_error")
-        x, y = (torch.as_tensor(a) for a in data)
-        return max_error(self.module, x, y)
+        return tuple(torch.as_tensor(a) for a in data)
+
+    def _train_max_error(self) -> float:
+        return max_error(self.module, *self._train_arrays())
 
     # ----- checkpoints, metrics, progress --------------------------------------------------------
 
