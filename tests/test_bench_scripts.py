@@ -22,6 +22,7 @@ SINGLE = {
     "bench_loader.py": ["--quick", "--rows", "20000", "--row-batches", "5"],
     "bench_checkpoint.py": ["--quick", "--dir", "{tmp}"],
     "bench_transfer.py": ["--quick"],
+    "bench_async.py": ["--quick"],  # starts its own rank processes, one job at a time
 }
 SLOW = {
     # Optuna in the same process and 3 seeds of two test functions: minutes, not seconds.

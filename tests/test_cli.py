@@ -369,3 +369,24 @@ def test_plot_names_a_torn_line_before_the_last(tmp_path, capsys):
     d2, _ = _metrics_dir(tmp_path / "p", b'{"epoch": 4, "st')
     rc, out, err = run(capsys, "plot", str(d2))
     assert rc == 0 and (d2 / "loss.png").read_bytes()[:4] == b"\x89PNG" and "incomplete last line" in err
+
+
+@pytest.mark.timeout(180)
+def test_train_with_parameter_servers_under_torchrun(tmp_path):
+    # `torchrun --nproc-per-node 3 -m trainpatterns train --strategy async`: rank 0 serves, ranks 1 and 2
+    # train; the first worker prints the epochs and writes metrics.jsonl; the server checkpoints.
+    run_dir = tmp_path / "a"
+    argv = ["-m", "trainpatterns", "train", *SMALL, "--strategy", "async", "--run-dir", str(run_dir)]
+    res = run_ranks(argv, world=3, timeout_s=150, cwd=str(tmp_path))
+    assert [r[0] for r in res] == [0, 0, 0], res
+    assert "with parameter servers" in res[0][1]
+    assert "async: 40 updates applied" in res[1][1] and "done in" in res[1][1]
+    assert res[2][1] == "", "the second worker printed"
+    assert json.load(open(run_dir / "config.json"))["steps"] == 40
+    assert os.listdir(run_dir / "servers" / "server_0")
+    assert [json.loads(line)["epoch"] for line in open(run_dir / "metrics.jsonl")]
+
+
+def test_async_strategy_outside_torchrun_is_a_one_line_error(tmp_path):
+    res = cli_subprocess(tmp_path, "train", "--strategy", "async", "--run-dir", str(tmp_path / "a"))
+    assert_one_line_error(res.returncode, res.stderr, "train", "--strategy async runs under torchrun")

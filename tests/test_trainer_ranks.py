@@ -5,6 +5,7 @@ steps of an accumulated optimizer step do not all-reduce. The rank script is tes
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -67,3 +68,37 @@ def test_test_and_predict_match_plain_torch_on_the_whole_set(ranks):
         assert r["test"]["val_acc"] == pytest.approx(want_acc, abs=1e-7)  # the metric returns float32 means
         torch.testing.assert_close(r["predict"], out, rtol=1e-6, atol=1e-6)
     assert r0["test"] == r1["test"]
+
+
+ASYNC_WORKER = str(Path(__file__).with_name("_trainer_async_worker.py"))
+
+
+@pytest.mark.timeout(180)
+def test_the_trainer_trains_with_parameter_servers(tmp_path):
+    # strategy="async" on 3 ranks: rank 0 serves, ranks 1 and 2 run the Trainer's loop on their halves;
+    # the budget is the plan's steps (applied updates), the servers checkpoint, the first worker writes
+    # metrics.jsonl, and every rank ends with the servers' final weights.
+    import _trainer_async_worker as A
+
+    res = run_ranks([ASYNC_WORKER, str(tmp_path)], world=3, timeout_s=150)
+    assert [r[0] for r in res] == [0, 0, 0], res
+    ranks = [torch.load(tmp_path / f"async{r}.pt", weights_only=False) for r in range(3)]
+    for r in ranks[1:]:
+        for k in ranks[0]["state"]:
+            assert torch.equal(r["state"][k], ranks[0]["state"][k]), k
+    stats = ranks[0]["stats"]
+    assert stats["updates"] == A.UPDATES and stats["dropped"] == []
+    assert sum(w["updates"] for w in stats["workers"].values()) == A.UPDATES
+    assert ranks[1]["steps"] + ranks[2]["steps"] >= A.UPDATES  # a push after the end is not applied
+    assert ranks[0]["history"] == []  # the server trains nothing itself
+    history = ranks[1]["history"]
+    torch.manual_seed(0)  # the server's (rank 0's) initial model, where every worker started
+    start = torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2))
+    xv, yv = A.pendulum_data(256, seed=1)
+    with torch.no_grad():
+        initial = F.mse_loss(start(xv), yv).item()
+    assert history and history[-1]["val_loss"] < 0.5 * initial
+    written = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert written == history
+    saved = sorted(os.listdir(tmp_path / "run" / "servers" / "server_0"))
+    assert saved and saved[-1].startswith("step_") and int(saved[-1][5:]) == A.UPDATES

@@ -39,7 +39,8 @@ def summary(record: dict, num_epochs: int, metric_names: Sequence[str]) -> str:
     """The one-line summary of a virtual epoch's record."""
     parts = [f"epoch {record['epoch']}/{num_epochs}", f"step {record['step']}"]
     parts += [f"{k} {record[k]:.4g}" for k in ("train_loss", "val_loss", *metric_names, "max_error") if k in record]
-    parts += [f"lr {record['lr']:.3g}", f"{record['samples_per_s']:,.0f} samples/s"]
+    parts += [f"lr {record['lr']:.3g}"] if "lr" in record else []
+    parts += [f"{record['samples_per_s']:,.0f} samples/s"]
     return "  ".join(parts) + ("  *best" if record["best"] else "")
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-__all__ = ["Callback", "EarlyStopping"]
+__all__ = ["Callback", "EarlyStopping", "callback_states", "load_callback_states"]
 
 
 class Callback:
@@ -112,3 +112,30 @@ class EarlyStopping(Callback):
     def load_state_dict(self, state: dict) -> None:
         self.best, self.wait = state["best"], int(state["wait"])
         self.stopped_epoch, self.mode = state["stopped_epoch"], state["mode"]
+
+
+def _keyed(callbacks: list) -> list:
+    """``(key, callback)``: keys are class names (``#2`` for a second of the same class), so adding
+    or reordering other callbacks does not hand one's state to another."""
+    seen: dict = {}
+    keys = []
+    for cb in callbacks:
+        name = type(cb).__name__
+        seen[name] = seen.get(name, 0) + 1
+        keys.append((name if seen[name] == 1 else f"{name}#{seen[name]}", cb))
+    return keys
+
+
+def callback_states(callbacks: list) -> dict:
+    """Every callback's ``state_dict()``, keyed for :func:`load_callback_states`."""
+    return {key: cb.state_dict() for key, cb in _keyed(callbacks)}
+
+
+def load_callback_states(callbacks: list, state: dict) -> None:
+    """Give each callback its saved state (found by key, or by position in directories that keyed
+    callbacks by position); a callback absent from ``state`` keeps its own."""
+    for i, (key, cb) in enumerate(_keyed(callbacks)):
+        if key in state:
+            cb.load_state_dict(state[key])
+        elif str(i) in state:
+            cb.load_state_dict(state[str(i)])

@@ -139,6 +139,13 @@ _FINISH = dict(max_iter=1500, time_limit=25.0)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    if args.strategy == "async":  # parameter servers over RPC: no process group to join
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) < 2:
+            raise UsageError("--strategy async runs under torchrun with at least 2 processes (a server and a worker)")
+        if args.run_dir is None or args.resume:
+            raise UsageError("--strategy async needs --run-dir (every rank must name the same directory) and "
+                             "cannot --resume (a job started again resumes from its servers' checkpoints)")
+        return _train(args, int(os.environ.get("RANK", "0")), 1)
     rank, world = _join_torchrun()
     try:
         code = _train(args, rank, world)
@@ -176,7 +183,8 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> int:
     job = Job(cfg)
     run_dir = args.run_dir or os.path.join("runs", f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     problem = None
-    if not resume and os.path.exists(run_dir) and os.listdir(run_dir):
+    checks = args.strategy != "async" or rank == 0  # async ranks cannot agree: rank 0 checks for all
+    if checks and not resume and os.path.exists(run_dir) and os.listdir(run_dir):
         problem = (f"run directory {run_dir} is not empty: pass --resume to continue it, or choose another "
                    f"--run-dir")
     # Rank 0's directory and verdict for all: the ranks' clocks may straddle a second, and rank 1
@@ -194,11 +202,14 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> int:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=plan.total_steps)
     val = (job.x_val, job.y_val) if job.x_val is not None else None
 
+    strategy = {"scheduler": None, "strategy": args.strategy,
+                "async_options": {"scheduler": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(
+                    o, T_max=plan.total_steps)}} if args.strategy == "async" else {"scheduler": sched}
     trainer = Trainer(model, job.loss_fn, opt, (job.x, job.y), val, checkpoint_dir=run_dir, plan=plan,
-                      scheduler=sched, interpolation=job.interpolation, progress=not args.no_progress,
+                      interpolation=job.interpolation, progress=not args.no_progress,
                       seed=cfg["seed"], resume=resume, num_threads=1 if cfg["data"] is None else None,
                       rescale_schedule=saved is not None and cfg["steps"] != saved.get("steps"),
-                      interpolation_finish=_FINISH)
+                      interpolation_finish=_FINISH, **strategy)
     step = trainer.restore() if resume else None
     if step is None and args.resume:
         raise UsageError(f"--resume: {run_dir} holds no usable checkpoint")
@@ -211,17 +222,21 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> int:
         kind = f"{job.classes}-class classification" if job.classes else "regression"
         mode = ", interpolation mode" if job.interpolation else ""
         ranks = f" on {world} ranks (SyncDataParallel over gloo, each on its shard)" if world > 1 else ""
+        if args.strategy == "async":
+            ranks = " with parameter servers (AsyncDataParallel: the first rank serves, the others work)"
         say(f"training a {sum(p.numel() for p in model.parameters())}-parameter MLP on {job.name} "
             f"({n} examples, {kind}{mode}; {plan.total_steps} steps in {plan.num_epochs} virtual epochs, "
             f"FusedAdamW){ranks} -> {run_dir}")
-        with torch.no_grad():
-            init = trainer.evaluate((job.x, job.y))
-        say(f"epoch 0/{plan.num_epochs}  step 0  train_loss {init:.4g}")
+        if trainer.rank >= 0:  # not an async server
+            with torch.no_grad():
+                init = trainer.evaluate((job.x, job.y))
+            say(f"epoch 0/{plan.num_epochs}  step 0  train_loss {init:.4g}")
     start = time.perf_counter()
     trainer.fit()
     best = trainer.best or {}
-    say(f"done in {time.perf_counter() - start:.1f}s; best {trainer.metric} {best.get(trainer.metric, float('nan')):.3e} "
-          f"at virtual epoch {best.get('epoch')}; plot: trainpatterns plot {run_dir}")
+    trainer.say(f"done in {time.perf_counter() - start:.1f}s; best {trainer.monitor} "
+                f"{best.get(trainer.monitor, float('nan')):.3e} at virtual epoch {best.get('epoch')}; plot: "
+                f"trainpatterns plot {run_dir}")
     return 0
 
 
@@ -375,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="interpolation mode: no regularisation, max-error metric (default on for the "
                               "noise-free built-in task, off for --data)")
     p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_train.add_argument("--strategy", choices=("sync", "async"), default="sync",
+                         help="under torchrun: sync (SyncDataParallel, default) or async (parameter servers)")
     p_train.set_defaults(func=_cmd_train)
     p_over = sub.add_parser("overfit-check", help="can the job's model fit one batch? (exit 1 if not)")
     _job_arguments(p_over, f"at most this many steps on the batch (default {DEFAULTS['steps']})")

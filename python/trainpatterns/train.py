@@ -33,14 +33,14 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import _metrics_log, _schedule, _train_eval
+from . import _metrics_log, _schedule, _train_async, _train_eval
 from ._train_data import is_array_data, num_rows, shard
 from ._train_progress import Progress, Speaker, summary
 from ._train_setup import Stateful, check_data, check_metrics, check_monitor, default_plan, join_torchrun, split_batch
 from ._train_step import Stepper, finish_interpolation
 from ._tree import to_device
 from ._world import agree, any_rank, rank_and_world
-from .callbacks import Callback, EarlyStopping
+from .callbacks import Callback, EarlyStopping, callback_states, load_callback_states
 from .checkpoint import CheckpointError, CheckpointManager
 from .data import PrefetchLoader
 from .distributed import SyncDataParallel
@@ -109,6 +109,9 @@ class Trainer:
         progress: show the tqdm bar and print the summary lines (rank 0); False: log them at INFO.
         seed: the loader's shuffling seed.  num_threads: the loader's gather threads.
         async_save: write checkpoints in the background.
+        strategy: under torchrun, ``"sync"`` (SyncDataParallel, the default) or ``"async"``
+            (AsyncDataParallel: parameter servers, ``async_options`` its arguments; see
+            :mod:`trainpatterns._train_async`).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Optional[Callable], optimizer: Optional[torch.optim.Optimizer],
@@ -119,7 +122,8 @@ class Trainer:
                  precision: Optional[str] = None, compute_loss: Optional[Callable[[nn.Module, Any], torch.Tensor]] = None,
                  interpolation: bool = False, interpolation_finish: Union[bool, Mapping] = True, keep_last: int = 3, keep_best: int = 1, resume: bool = True,
                  rescale_schedule: bool = False, progress: bool = True, seed: int = 0,
-                 num_threads: Optional[int] = None, async_save: bool = True) -> None:
+                 num_threads: Optional[int] = None, async_save: bool = True, strategy: str = "sync",
+                 async_options: Optional[Mapping] = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if loss_fn is None and compute_loss is None:
@@ -149,8 +153,18 @@ class Trainer:
         ref = next(model.parameters(), None)
         self.device = ref.device if ref is not None else torch.device("cpu")
 
-        joined = join_torchrun(self.device)
-        self.rank, self.world = rank_and_world()
+        if strategy not in ("sync", "async"):
+            raise ValueError(f"strategy must be 'sync' or 'async', got {strategy!r}")
+        self.strategy = strategy
+        joined = None
+        if strategy == "async":  # no process group: the servers talk over RPC; each process on its own
+            where = _train_async.place(async_options)
+            self.rank, self.world = (-1 if where.is_server else where.worker), 1
+            part, parts = (0, 1) if where.is_server else (where.worker, where.workers)
+        else:
+            joined = join_torchrun(self.device)
+            self.rank, self.world = rank_and_world()
+            part, parts = self.rank, self.world
         self.say = Speaker(self.rank, self.progress)
         if joined:
             self.say(joined)
@@ -168,21 +182,28 @@ class Trainer:
         self.train_data = train_data
         self.val_data = val_data
         self.loader = None
-        if self._array_train:
-            mine = shard(train_data, self.rank, self.world) if self.world > 1 else train_data
+        if self._array_train and self.rank >= 0:  # every rank but an async server reads data
+            mine = shard(train_data, part, parts) if parts > 1 else train_data
             if num_rows(mine) < self.batch_size:
                 raise ValueError(f"train_data has {num_rows(mine)} rows per process, fewer than one batch of "
                                  f"{self.batch_size}")
             self.loader = PrefetchLoader(mine, self.batch_size, shuffle=True, seed=seed, drop_last=True, epochs=None,
                                          num_threads=num_threads,
                                          device=self.device if self.device.type == "cuda" else None)
-        self.model = SyncDataParallel(model) if self.world > 1 else model
-        self.stepper = Stepper(self.model, optimizer, self._loss, self.device, precision, accumulate)
-        self.accumulate = accumulate
-
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
+        stepped = optimizer
+        if strategy == "async":
+            if scheduler is not None:
+                raise ValueError("strategy='async': the servers step the scheduler; pass async_options="
+                                 "{'scheduler': lambda optimizer: ...} instead of scheduler=")
+            self.model, stepped = _train_async.wrap(model, optimizer, self.plan.total_steps, self.checkpoint_dir,
+                                                    self.plan.steps_per_epoch, async_options)
+        else:
+            self.model = SyncDataParallel(model) if self.world > 1 else model
+        self.stepper = Stepper(self.model, stepped, self._loss, self.device, precision, accumulate)
+        self.accumulate = accumulate
         self.manager = None
-        if self.checkpoint_dir is not None:
+        if self.checkpoint_dir is not None and strategy == "sync":
             self.manager = CheckpointManager(self.checkpoint_dir, keep_last=keep_last, keep_best=keep_best,
                                              metric=self.monitor, mode=self.mode, weights_key="model",
                                              async_save=async_save, per_rank=["loader"])
@@ -198,8 +219,8 @@ class Trainer:
         """What a checkpoint holds, in restore order: callbacks first (they may reshape the
         optimizer's groups before its state is loaded), then model, optimizer, the rest."""
         state = {
-            "callbacks": Stateful(lambda: {k: cb.state_dict() for k, cb in self._callback_keys()},
-                                   self._load_callbacks),
+            "callbacks": Stateful(lambda: callback_states(self.callbacks),
+                                  lambda state: load_callback_states(self.callbacks, state)),
             "model": self.module,
             "optimizer": self.optimizer,
             "plan": self.plan,
@@ -212,24 +233,6 @@ class Trainer:
         if self.loader is not None:
             state["loader"] = self.loader
         return state
-
-    def _callback_keys(self) -> list:
-        """``(key, callback)``: keys are class names (``#2`` for a second of the same class), so
-        adding or reordering other callbacks does not hand one's state to another."""
-        seen: dict = {}
-        keys = []
-        for cb in self.callbacks:
-            name = type(cb).__name__
-            seen[name] = seen.get(name, 0) + 1
-            keys.append((name if seen[name] == 1 else f"{name}#{seen[name]}", cb))
-        return keys
-
-    def _load_callbacks(self, state: dict) -> None:
-        for i, (key, cb) in enumerate(self._callback_keys()):
-            if key in state:
-                cb.load_state_dict(state[key])
-            elif str(i) in state:  # directories that keyed callbacks by position
-                cb.load_state_dict(state[str(i)])
 
     def _load_trainer(self, state: dict) -> None:
         self.best = dict(state["best"]) or None
@@ -284,6 +287,8 @@ class Trainer:
         """Train until the plan's budget is spent or a callback sets ``stop_training`` (a run that
         :class:`EarlyStopping` stopped stays stopped when resumed); returns the per-virtual-epoch
         records (resumed runs included)."""
+        if self.strategy == "async":
+            return _train_async.fit_async(self)
         for cb in self.callbacks:
             cb.on_fit_start(self)
         if self.resume and self.restore() is None:
@@ -378,7 +383,8 @@ class Trainer:
             metrics.update(scores)
         if self.interpolation:
             metrics["max_error"] = self._train_max_error()
-        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        if self.strategy == "sync":  # under "async" the servers' optimizers hold the LR
+            metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
         metrics["samples_per_s"] = rows * self.world / max(training, 1e-9)
         metrics["time_s"] = elapsed
         before = self.history[-1].get("elapsed_s", 0.0) if self.history else 0.0

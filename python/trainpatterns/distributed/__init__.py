@@ -1,7 +1,8 @@
 """trainpatterns.distributed: distribution strategies over torch.distributed.
 
 ``init_from_env()`` joins the job torchrun (or any launcher setting its environment variables)
-started; ``SyncDataParallel`` is the synchronous data-parallel strategy (sync.py). We never write our
+started; ``SyncDataParallel`` is the synchronous data-parallel strategy (sync.py),
+``AsyncDataParallel`` the asynchronous one through parameter servers (async_dp.py). We never write our
 own transport: NCCL on GPU, gloo on CPU, single or multi node, all through torch.distributed.
 """
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 
+from .async_dp import AsyncDataParallel
 from .sync import SyncDataParallel
 
-__all__ = ["init_from_env", "shutdown", "DistInfo", "SyncDataParallel"]
+__all__ = ["init_from_env", "shutdown", "DistInfo", "SyncDataParallel", "AsyncDataParallel"]
 
 
 @dataclass(frozen=True)
