@@ -11,6 +11,7 @@ from __future__ import annotations
 import _thread
 import gc
 import os
+import signal
 import threading
 import time
 
@@ -373,13 +374,19 @@ def test_ctrl_c_interrupts_a_blocked_wait():
     p = _kernels.make_prefetcher(sources, batch_size=8, prefetch=2, num_threads=1, external=buf)
     p.push_epoch(np.arange(50, dtype=np.int64), False, 0)
     _, held = _kernels.next_batch(p)
+    # A process started in the background by a non-interactive shell inherits SIGINT ignored, and
+    # then Python drops interrupt_main(): the test installs Python's handler for its duration.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.3, _thread.interrupt_main)
     t0 = time.monotonic()
-    timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        _kernels.next_batch(p)
-    assert time.monotonic() - t0 < 5
-    timer.join()
+    try:
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            _kernels.next_batch(p)
+        assert time.monotonic() - t0 < 5
+        timer.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     np.testing.assert_array_equal(held[0].numpy(), x[:8])
     p.close()
 

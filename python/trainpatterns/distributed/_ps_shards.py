@@ -42,10 +42,6 @@ class Shard:
     shapes: list
     groups: list  # FlatGroup per dtype, in first-appearance order
 
-    @property
-    def nbytes(self) -> int:
-        return sum(g.span * torch.tensor([], dtype=g.dtype).element_size() for g in self.groups)
-
     def signature(self) -> list:
         """What two ranks must agree on to share this shard: names, shapes and dtypes."""
         dtypes = [str(g.dtype) for g in self.groups for _ in g.indices]
