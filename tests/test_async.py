@@ -12,6 +12,7 @@ checks the equality), and one process costs no third launch and adds no scheduli
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import trainpatterns as tp
 from trainpatterns import FusedAdamW
 from trainpatterns.checkpoint import CheckpointManager
 from trainpatterns.distributed import AsyncDataParallel
@@ -394,3 +396,24 @@ def test_model_mismatch_fails_every_rank_naming_it(launch):
     for rank in range(3):
         line = run.last_error(rank)
         assert run.rc[rank] not in (0, None) and "[33, 2]" in line and "[32, 2]" in line, (rank, line)
+
+
+def test_a_server_killed_under_torchrun_restarts_resumes_from_its_checkpoint(tmp_path):
+    # torchrun --max-restarts with its shared store (which outlives the group): the restarted
+    # incarnation must rendezvous in its own key space and its server resume from the checkpoint.
+    import subprocess
+
+    job = Path(__file__).with_name("_async_restart_job.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(tp.__file__).resolve().parent.parent),
+                                           os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                          "--nproc-per-node", "3", "--max-restarts", "2", str(job), str(tmp_path / "ckpt")],
+                         env=env, capture_output=True, text=True, timeout=150)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-4000:]
+    assert "incarnation 0: server starts at version 0" in log
+    # killed inside its 150th step, before that update's save: the newest checkpoint is 100
+    assert "incarnation 1: server starts at version 100" in log, log[-4000:]
+    for rank in range(3):
+        assert f"incarnation 1: rank {rank} ends with 300 updates" in log, log[-4000:]

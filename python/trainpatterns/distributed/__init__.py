@@ -8,13 +8,14 @@ own transport: NCCL on GPU, gloo on CPU, single or multi node, all through torch
 from __future__ import annotations
 
 import datetime
-import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
 
+from ._store import env_int as _env_int
+from ._store import incarnation_store as _incarnation_store
 from .async_dp import AsyncDataParallel
 from .sync import SyncDataParallel
 
@@ -36,18 +37,6 @@ class DistInfo:
     def is_main(self) -> bool:
         """True on rank 0 (the rank that logs and writes checkpoints)."""
         return self.rank == 0
-
-
-def _env_int(name: str, default: Optional[int] = None) -> int:
-    raw = os.environ.get(name)
-    if raw is None:
-        if default is None:
-            raise RuntimeError(f"init_from_env: environment variable {name} is not set (launch with torchrun)")
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"init_from_env: environment variable {name}={raw!r} is not an integer") from None
 
 
 def init_from_env(backend: Optional[str] = None, *,
@@ -99,24 +88,6 @@ def init_from_env(backend: Optional[str] = None, *,
         kwargs["init_method"] = "env://"
     dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
     return DistInfo(rank, world_size, local_rank, device, dist.get_backend())
-
-
-def _incarnation_store(world_size: int, timeout: Optional[datetime.timedelta]) -> Optional[dist.Store]:
-    """Under torchrun's shared store, a key space of this incarnation's own; None elsewhere.
-
-    torchrun (c10d rendezvous) lets its workers use the agent's TCPStore, and that store outlives a
-    restart: without a prefix, the ranks of a restarted group read the previous group's addresses
-    from it and fail to connect (pytorch/pytorch#135712). ``TORCHELASTIC_RESTART_COUNT`` tells the
-    incarnations apart; it agrees on every rank of one torchrun agent (a single node). On several
-    nodes an agent that restarts only because a peer node did keeps its count, so multi-node
-    elastic jobs set ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (docs/distributed.md).
-    """
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    client = dist.TCPStore(os.environ["MASTER_ADDR"], _env_int("MASTER_PORT"), world_size, is_master=False,
-                           timeout=timeout or datetime.timedelta(minutes=30))
-    incarnation = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
-    return dist.PrefixStore(f"trainpatterns/incarnation_{incarnation}", client)
 
 
 def shutdown() -> None:

@@ -7,15 +7,21 @@ protocol of our own: a worker's call runs on the server's thread pool as soon as
 whatever the other workers do, and returns a future the worker waits on only when it must.
 
 Names are ``tp_ps_<rank>`` for every rank; the rendezvous is torchrun's (``MASTER_ADDR`` and
-``MASTER_PORT``). No ``torch.distributed`` process group is needed (nor may one share the port).
+``MASTER_PORT``, or under ``--max-restarts`` its shared store, in a key space of this incarnation's
+own). No ``torch.distributed`` process group is needed (nor may one share the port).
 """
 from __future__ import annotations
 
+import datetime
 import os
 import warnings
 from typing import Any, Callable, Optional
 
+import torch.distributed as dist
+import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
+
+from ._store import incarnation_store
 
 __all__ = ["RpcTransport", "rank_name"]
 
@@ -32,9 +38,18 @@ class RpcTransport:
         self.rank, self.world, self.timeout = rank, world, float(timeout)
         options = rpc.TensorPipeRpcBackendOptions(num_worker_threads=max(8, 2 * world), rpc_timeout=self.timeout,
                                                   init_method=_init_method())
+        store = incarnation_store(world, datetime.timedelta(seconds=max(self.timeout, 60.0)))
         with warnings.catch_warnings():  # torch's own device-map exchange uses a deprecated gloo call
             warnings.filterwarnings("ignore", message="You are using a Backend", category=UserWarning)
-            rpc.init_rpc(rank_name(rank), rank=rank, world_size=world, rpc_backend_options=options)
+            if store is None:
+                rpc.init_rpc(rank_name(rank), rank=rank, world_size=world, rpc_backend_options=options)
+            else:
+                # Under torchrun's shared store (which outlives a restarted group) init_rpc's keys
+                # would be the previous incarnation's: the same steps as init_rpc, on this
+                # incarnation's own key space (torch offers no public way to pass a store).
+                dist_autograd._init(rank)
+                rpc._init_rpc_backend(rpc.BackendType.TENSORPIPE, dist.PrefixStore("rpc", store), rank_name(rank),
+                                      rank, world, options)
         self.open = True
 
     def call(self, to: int, fn: Callable, *args: Any, timeout: Optional[float] = None) -> Any:
