@@ -13,9 +13,9 @@ data and the same sample budget for both: the synchronous job takes S steps of 2
 asynchronous one 2 x S updates of B rows (``total_updates``, ``pull_every=1``; --max-staleness and
 --staleness-lr pass AsyncDataParallel's options, unset by default as in its defaults).
 
-The straggler: the last worker sleeps after every step twice the time one plain single-process
-training step takes (forward, backward, FusedAdamW step; measured once by this script before the
-jobs), so its steps take about 3x as long; both variants get the same sleep (--sleep-ms sets it).
+The straggler: the last worker sleeps after every step twice the time one step of the synchronous
+job takes without a straggler (measured once by a short calibration launch before the jobs), so its
+steps take about 3x as long; both variants get the same sleep (--sleep-ms sets it).
 
 Timing: every process reads the machine's monotonic clock (shared by the processes of one host).
 A job starts when its first worker enters its training loop and ends at the last applied update.
@@ -40,7 +40,9 @@ threads compete with the workers for the cores) against the synchronous job's 2,
 straggler it pays for oversubscription; with one, the straggler's sleep frees a core, which the
 asynchronous job uses and the synchronous one cannot. Quote ratios from a quiet box with >= 4 cores.
 
-Run: python bench/bench_async.py [--quick] [--repeats N] [--json FILE]
+Run: python bench/bench_async.py [--quick] [--repeats N] [--json FILE]; --floor prints, in one process,
+the updates the task needs to reach the target MSE with gradients 0-3 updates stale: the floor that
+asynchrony puts under the time to loss (bench/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -109,19 +111,47 @@ def score(cfg: dict, model: nn.Module, params: list, rec: Recorder) -> list:
     return out
 
 
-def plain_step_s(cfg: dict) -> float:
-    """Median seconds of one plain single-process training step of the benchmark's model."""
-    torch.set_num_threads(cfg["threads"])
-    model, x, y = mlp(cfg["hidden"]), *pendulum_data(cfg["batch"], seed=cfg["seed"])
-    opt = FusedAdamW(model.parameters(), lr=cfg["lr"])
-    times = []
-    for _ in range(30):
-        t = time.perf_counter()
-        opt.zero_grad()
-        F.mse_loss(model(x), y).backward()
-        opt.step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[10:])
+def staleness_floor(cfg: dict, limit: int = 3000) -> list:
+    """Updates (and rows) single-process training needs to reach the target MSE when every gradient
+    is computed on the weights of ``d`` updates ago: the floor asynchrony puts under the time to loss.
+    Rows: (label, updates or None, rows)."""
+    x, y = pendulum_data(cfg["train_rows"], seed=cfg["seed"])
+    xv, yv = pendulum_data(cfg["val_rows"], seed=cfg["seed"] + 1)
+    out = []
+    for batch, delay in ((WORKERS * cfg["batch"], 0), (cfg["batch"], 0), (cfg["batch"], 1), (cfg["batch"], 2),
+                         (cfg["batch"], 3)):
+        torch.manual_seed(cfg["seed"])
+        model, stale = mlp(cfg["hidden"]), mlp(cfg["hidden"])
+        opt = FusedAdamW(model.parameters(), lr=cfg["lr"])
+        gen = torch.Generator().manual_seed(1)
+        past = [[p.detach().clone() for p in model.parameters()]]
+        hit = None
+        for i in range(1, limit + 1):
+            with torch.no_grad():
+                for p, v in zip(stale.parameters(), past[0]):
+                    p.copy_(v)
+            stale.zero_grad()
+            idx = torch.randint(len(x), (batch,), generator=gen)
+            F.mse_loss(stale(x[idx]), y[idx]).backward()
+            for p, q in zip(model.parameters(), stale.parameters()):
+                p.grad = q.grad.clone()
+            opt.step()
+            past = (past + [[p.detach().clone() for p in model.parameters()]])[-(delay + 1):]
+            if i % 20 == 0:
+                with torch.no_grad():
+                    if F.mse_loss(model(xv), yv).item() <= cfg["target_mse"]:
+                        hit = i
+                        break
+        out.append((f"{batch} rows, {delay} update(s) stale", hit, None if hit is None else hit * batch))
+    return out
+
+
+def sync_step_s(cfg: dict) -> float:
+    """Seconds per step of the synchronous job without a straggler (a short calibration launch): the
+    step the straggler's sleep is measured against, communication included."""
+    probe = dict(cfg, steps=min(cfg["steps"], 300), sleep_s=0.0)
+    run = launch(probe, "sync", False)
+    return run["job_s"] / probe["steps"]
 
 
 def train_loop(cfg: dict, worker: int, step: Callable, more: Callable[[], bool]) -> dict:
@@ -331,6 +361,8 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--sleep-ms", type=float, default=None, help="a fixed straggler sleep for both variants")
     parser.add_argument("--max-staleness", type=int, default=None, help="AsyncDataParallel's bound (default none)")
     parser.add_argument("--staleness-lr", choices=["inverse"], default=None, help="AsyncDataParallel's staleness_lr")
+    parser.add_argument("--floor", action="store_true", help="only the staleness floor: updates to the target MSE "
+                                                             "with gradients 0-3 updates stale, in one process")
     parser.add_argument("--rank-job", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rank_job:
@@ -353,8 +385,13 @@ def main(argv: Optional[list] = None) -> int:
                target_mse=args.target_mse or (5e-2 if args.quick else 1e-2), threads=args.threads,
                max_staleness=args.max_staleness, staleness_lr=args.staleness_lr,
                sleep_s=None if args.sleep_ms is None else args.sleep_ms / 1e3, timeout_s=120 if args.quick else 600)
+    if args.floor:
+        print(f"updates to validation MSE <= {cfg['target_mse']:g} with gradients d updates stale (single process):")
+        for label, hit, rows in staleness_floor(cfg):
+            print(f"  {label:<28} {hit if hit is not None else 'not reached':>12}  {rows or '-':>10} rows")
+        return 0
     if cfg["sleep_s"] is None:
-        cfg["sleep_s"] = 2 * plain_step_s(cfg)
+        cfg["sleep_s"] = 2 * sync_step_s(cfg)
     repeats = args.repeats or (1 if args.quick else 3)
     env = environment()
     print(f"bench_async: torch {env['torch']}, {env['cpus']} CPUs ({env['cpu']}), {args.threads} thread(s) per rank, "
