@@ -2,7 +2,8 @@
 
 ``init_from_env()`` joins the job torchrun (or any launcher setting its environment variables)
 started; ``SyncDataParallel`` is the synchronous data-parallel strategy (sync.py),
-``AsyncDataParallel`` the asynchronous one through parameter servers (async_dp.py). We never write our
+``AsyncDataParallel`` the asynchronous one through parameter servers (async_dp.py), and
+``PipelineParallel`` model parallelism by pipeline stages (pipeline.py). We never write our
 own transport: NCCL on GPU, gloo on CPU, single or multi node, all through torch.distributed.
 """
 from __future__ import annotations
@@ -17,9 +18,10 @@ import torch.distributed as dist
 from ._store import env_int as _env_int
 from ._store import incarnation_store as _incarnation_store
 from .async_dp import AsyncDataParallel
+from .pipeline import PipelineParallel
 from .sync import SyncDataParallel
 
-__all__ = ["init_from_env", "shutdown", "DistInfo", "SyncDataParallel", "AsyncDataParallel"]
+__all__ = ["init_from_env", "shutdown", "DistInfo", "SyncDataParallel", "AsyncDataParallel", "PipelineParallel"]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,113 @@
+"""PipelineParallel against the unsplit model: 2 and 3 stages, GPipe and 1F1B, on gloo. One batch's
+loss and every gradient equal the unsplit model's (fp32, 1e-6), 20 steps with global-norm clipping
+track the unsplit run, and export_full_model loads into the plain model. Rank script:
+tests/_pipeline_worker.py."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _pipeline_worker as W  # noqa: E402
+from _ranks import run_ranks  # noqa: E402
+
+from trainpatterns.checkpoint import load_weights  # noqa: E402
+from trainpatterns.optim import FusedAdamW  # noqa: E402
+
+WORKER = str(Path(__file__).with_name("_pipeline_worker.py"))
+
+
+def reference():
+    """The unsplit model: batch 0's loss and gradients, then the same 20 steps with clipping."""
+    model = W.make_model()
+    x, y = W.batch(0)
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt = FusedAdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for step in range(1, W.STEPS + 1):
+        opt.zero_grad()
+        x, y = W.batch(step)
+        out = nn.functional.mse_loss(model(x), y)
+        out.backward()
+        losses.append(float(out.detach()))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return float(loss.detach()), grads, losses, model
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("world,schedule", [(2, "1f1b"), (2, "gpipe"), (3, "1f1b")])
+def test_stages_equal_the_unsplit_model(tmp_path, world, schedule):
+    res = run_ranks([WORKER, str(tmp_path), schedule, "4"], world=world, timeout_s=150)
+    assert [r[0] for r in res] == [0] * world, res
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    loss, grads, losses, model = reference()
+    assert all(r["loss"] is None for r in ranks[:-1])
+    assert ranks[-1]["loss"] == pytest.approx(loss, rel=1e-6)
+    seen = {}
+    for r in ranks:
+        seen.update(r["grads"])
+    assert sorted(seen) == sorted(grads)  # every parameter once, under the unsplit model's names
+    for n, g in grads.items():
+        torch.testing.assert_close(seen[n], g, rtol=1e-5, atol=1e-6)
+    assert all(math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6) for a, b in zip(ranks[-1]["losses"], losses))
+    plain = W.make_model()
+    load_weights(plain, tmp_path / "full.safetensors")
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(dict(plain.named_parameters())[n], p, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.timeout(120)
+def test_a_batch_that_does_not_split_is_an_error_on_every_stage(tmp_path):
+    res = run_ranks([WORKER, str(tmp_path), "1f1b", "5"], world=3, timeout_s=90)  # 24 rows, 5 micro-batches
+    assert [r[0] for r in res] == [0, 0, 0], res
+    assert "does not split into 5 micro-batches" in res[0][1] and "does not split" in res[2][1]
+    assert "rank 1: ValueError: another stage refused the batch" in res[1][1]
+
+
+def test_bad_arguments_are_clear_errors():
+    import torch.distributed as dist
+
+    from trainpatterns.distributed.pipeline import PipelineParallel
+
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_from_env"):
+        PipelineParallel(W.make_model(), loss_fn=nn.MSELoss())
+
+
+@pytest.mark.parametrize("sizes,stages", [([1, 1, 1, 1], 2), ([8, 1, 1, 1, 1, 1, 1, 1], 2), ([1, 1, 9, 1, 1], 3),
+                                          ([5, 5, 5], 3), ([1] * 7, 7)])
+def test_balance_by_bytes_is_the_best_contiguous_cut(sizes, stages):
+    from itertools import combinations
+
+    from trainpatterns.distributed.pipeline import _balanced_starts
+
+    starts = _balanced_starts([float(s) for s in sizes], stages)
+    assert len(starts) == stages and starts[0] == 0 and starts == sorted(set(starts))
+
+    def worst(st):
+        bounds = list(st) + [len(sizes)]
+        return max(sum(sizes[bounds[k]:bounds[k + 1]]) for k in range(len(st)))
+
+    best = min(worst((0, *c)) for c in combinations(range(1, len(sizes)), stages - 1))
+    assert worst(starts) == best  # brute force over every contiguous cut
+
+
+@pytest.mark.timeout(120)
+def test_bad_splits_are_the_same_clear_error_on_every_rank(tmp_path):
+    res = run_ranks([WORKER, str(tmp_path), "errors", "4"], world=2, timeout_s=90)
+    assert [r[0] for r in res] == [0, 0], res
+    for rank, (_, out, _) in enumerate(res):
+        lines = [line for line in out.splitlines() if line.startswith(f"rank {rank}: ")]
+        assert len(lines) == 6, out
+        for want in ("split point(s) ['9'] are not top-level blocks", "split_points must name 1 block(s)",
+                     "microbatches must be an int >= 1", "schedule must be one of", "stages=5 but the job has 2 ranks",
+                     "2 stages but the model has only 1 top-level blocks"):
+            assert any(want in line for line in lines), (want, lines)
