@@ -27,6 +27,28 @@ def batch(step: int):
     return torch.randn(BATCH, 5, generator=g), torch.randn(BATCH, 3, generator=g)
 
 
+def checkpointed(out: str, mode: str, rank: int) -> None:
+    """Train to step 15 with a per-stage checkpoint every 5 steps: straight through ("ckpt_full"),
+    stopping after step 10 ("ckpt_part"), or resuming from the newest checkpoint ("ckpt_resume")."""
+    from trainpatterns.checkpoint import CheckpointManager
+
+    pp = PipelineParallel(make_model(), microbatches=4, loss_fn=nn.MSELoss())
+    opt = FusedAdamW(pp.parameters(), lr=1e-2)
+    state = {"stage": pp, "optimizer": opt}
+    manager = CheckpointManager(os.path.join(out, mode.replace("_part", "").replace("_resume", "")), keep_last=2,
+                                async_save=False, per_rank=["stage", "optimizer"])
+    start = (manager.restore(state) or 0) if mode == "ckpt_resume" else 0
+    stop = 10 if mode == "ckpt_part" else 15
+    for step in range(start + 1, stop + 1):
+        opt.zero_grad()
+        pp.step(*batch(step))
+        opt.step()
+        if step % 5 == 0:
+            manager.save(state, step=step)
+    torch.save({"start": start, "params": {n: p.detach().clone() for n, p in pp.named_parameters()}},
+               os.path.join(out, f"{mode}{rank}.pt"))
+
+
 def main() -> None:
     out, schedule, microbatches = sys.argv[1], sys.argv[2], int(sys.argv[3])
     torch.set_num_threads(1)
@@ -42,6 +64,10 @@ def main() -> None:
             PipelineParallel(nn.Sequential(nn.Linear(5, 3)), loss_fn=nn.MSELoss())
         except ValueError as e:
             print(f"rank {info.rank}: {type(e).__name__}: {e}", flush=True)
+        shutdown()
+        return
+    if schedule.startswith("ckpt"):
+        checkpointed(out, schedule, info.rank)
         shutdown()
         return
     pp = PipelineParallel(make_model(), microbatches=microbatches, schedule=schedule, loss_fn=nn.MSELoss())
