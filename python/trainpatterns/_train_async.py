@@ -21,6 +21,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from .distributed import AsyncDataParallel
+from .distributed._store import env_int
 
 __all__ = ["AsyncPlace", "fit_async", "optimizer_factory", "place", "wrap"]
 
@@ -30,8 +31,8 @@ class AsyncPlace:
     ``workers`` (the shard of the data it reads)."""
 
     def __init__(self, options: Mapping) -> None:
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = env_int("RANK", 0, who="strategy='async'")
+        self.world = env_int("WORLD_SIZE", 1, who="strategy='async'")
         self.num_servers = int(options.get("num_servers", 1))
         if self.world < 2:
             raise ValueError("strategy='async' runs under torchrun with at least 2 processes (a server and a worker)")

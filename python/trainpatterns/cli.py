@@ -28,7 +28,6 @@ import time
 from typing import Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from . import __version__
 from ._kernels import build_info
@@ -107,12 +106,6 @@ def _set_threads(args: argparse.Namespace, cfg: dict) -> None:
 
 
 # ----- train ---------------------------------------------------------------------------------------
-
-def _print_line(text: str) -> None:
-    """One line on stdout, through tqdm so a progress bar on stderr stays intact."""
-    tqdm.write(text, file=sys.stdout)
-    sys.stdout.flush()
-
 
 def _join_torchrun() -> tuple[int, int]:
     """(rank, world size): under torchrun (WORLD_SIZE > 1) this process joins the job over gloo

@@ -155,6 +155,9 @@ class Trainer:
 
         if strategy not in ("sync", "async"):
             raise ValueError(f"strategy must be 'sync' or 'async', got {strategy!r}")
+        if strategy == "async" and scheduler is not None:
+            raise ValueError("strategy='async': the servers step the scheduler; pass async_options="
+                             "{'scheduler': lambda optimizer: ...} instead of scheduler=")
         self.strategy = strategy
         joined = None
         if strategy == "async":  # no process group: the servers talk over RPC; each process on its own
@@ -193,15 +196,11 @@ class Trainer:
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         stepped = optimizer
         if strategy == "async":
-            if scheduler is not None:
-                raise ValueError("strategy='async': the servers step the scheduler; pass async_options="
-                                 "{'scheduler': lambda optimizer: ...} instead of scheduler=")
             self.model, stepped = _train_async.wrap(model, optimizer, self.plan.total_steps, self.checkpoint_dir,
                                                     self.plan.steps_per_epoch, async_options)
         else:
             self.model = SyncDataParallel(model) if self.world > 1 else model
         self.stepper = Stepper(self.model, stepped, self._loss, self.device, precision, accumulate)
-        self.accumulate = accumulate
         self.manager = None
         if self.checkpoint_dir is not None and strategy == "sync":
             self.manager = CheckpointManager(self.checkpoint_dir, keep_last=keep_last, keep_best=keep_best,

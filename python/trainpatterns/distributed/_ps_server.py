@@ -46,7 +46,7 @@ class ShardServer:
     """Serves ``shard`` starting from ``values`` (the shard's parameters of this rank's model)."""
 
     def __init__(self, shard: Shard, values: list, optimizer: Callable, scheduler: Optional[Callable], *,
-                 total_updates: int, num_workers: int, max_staleness: Optional[int], staleness_lr: Optional[str],
+                 total_updates: int, max_staleness: Optional[int], staleness_lr: Optional[str],
                  timeout: float, checkpoint_dir: Optional[str], save_every: Optional[int], apply_every: int = 1,
                  apply_every_ms: Optional[float] = None) -> None:
         self.shard = shard
@@ -66,7 +66,6 @@ class ShardServer:
             raise TypeError(f"optimizer(params) must return a torch optimizer, got {type(self.optimizer).__name__}")
         self.scheduler = scheduler(self.optimizer) if scheduler is not None else None
         self.total_updates = total_updates
-        self.num_workers = num_workers
         self.max_staleness = max_staleness
         self.staleness_lr = staleness_lr
         self.timeout = timeout
@@ -89,7 +88,7 @@ class ShardServer:
         self.save_every = save_every
         if checkpoint_dir is not None:
             self.manager = CheckpointManager(os.path.join(checkpoint_dir, f"server_{shard.index}"), keep_last=2)
-            self.resumed_from = self.manager.restore(self._state())
+            self.manager.restore(self._state())
         _SERVERS[shard.index] = self
 
     def _views(self, flats: list) -> list:

@@ -15,16 +15,18 @@ import torch.distributed as dist
 __all__ = ["env_int", "incarnation_store"]
 
 
-def env_int(name: str, default: Optional[int] = None) -> int:
+def env_int(name: str, default: Optional[int] = None, who: str = "init_from_env") -> int:
+    """The integer environment variable ``name`` (``default`` when unset; without one, unset is an
+    error); errors start with ``who``."""
     raw = os.environ.get(name)
     if raw is None:
         if default is None:
-            raise RuntimeError(f"init_from_env: environment variable {name} is not set (launch with torchrun)")
+            raise RuntimeError(f"{who}: environment variable {name} is not set (launch with torchrun)")
         return default
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(f"init_from_env: environment variable {name}={raw!r} is not an integer") from None
+        raise ValueError(f"{who}: environment variable {name}={raw!r} is not an integer") from None
 
 
 def incarnation_store(world_size: int, timeout: Optional[datetime.timedelta]) -> Optional[dist.Store]:

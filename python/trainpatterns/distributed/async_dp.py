@@ -19,7 +19,6 @@ its next forward, and with one worker training is exactly single-process trainin
 """
 from __future__ import annotations
 
-import os
 import re
 import time
 from typing import Any, Callable, Optional
@@ -30,18 +29,12 @@ from torch import nn
 from .. import _kernels
 from ._ps_server import ShardServer, rpc_final, rpc_outcome, rpc_push, rpc_register
 from ._ps_shards import plan_shards
+from ._store import env_int
 from ._ps_transport import RpcTransport
 
 __all__ = ["AsyncDataParallel"]
 
 _WIRE = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _env_int(name: str) -> int:
-    raw = os.environ.get(name)
-    if raw is None:
-        raise RuntimeError(f"AsyncDataParallel: environment variable {name} is not set (launch with torchrun)")
-    return int(raw)
 
 
 class AsyncDataParallel(nn.Module):
@@ -74,7 +67,8 @@ class AsyncDataParallel(nn.Module):
                  checkpoint_dir: Optional[str] = None, save_every: Optional[int] = None, apply_every: int = 1,
                  apply_every_ms: Optional[float] = None) -> None:
         super().__init__()
-        self.rank, self.world = _env_int("RANK"), _env_int("WORLD_SIZE")
+        self.rank = env_int("RANK", who="AsyncDataParallel")
+        self.world = env_int("WORLD_SIZE", who="AsyncDataParallel")
         _check_arguments(self.world, num_servers, total_updates, pull_every, max_staleness, staleness_lr,
                          compress, timeout, save_every, optimizer, apply_every, apply_every_ms)
         self.module = module
@@ -94,8 +88,7 @@ class AsyncDataParallel(nn.Module):
         if self.is_server:
             shard = self.shards[self.rank]
             self.server = ShardServer(shard, [self._params[i].detach() for i in shard.model_indices], optimizer,
-                                      scheduler, total_updates=total_updates, num_workers=self.world - num_servers,
-                                      max_staleness=max_staleness, staleness_lr=staleness_lr, timeout=timeout,
+                                      scheduler, total_updates=total_updates, max_staleness=max_staleness, staleness_lr=staleness_lr, timeout=timeout,
                                       checkpoint_dir=checkpoint_dir, save_every=save_every, apply_every=apply_every,
                                       apply_every_ms=apply_every_ms)
         self.transport = RpcTransport(self.rank, self.world, timeout)

@@ -101,12 +101,10 @@ class PipelineParallel(nn.Module):
         bounds = starts + [len(names)]
         mine = names[bounds[self.rank]:bounds[self.rank + 1]]
         self.block_names = mine
-        self.boundaries = [names[i] for i in starts]
         self.module = nn.Sequential(*[model.get_submodule(n) for n in mine])
         self._names = {f"{k}.{rest}": f"{n}.{rest}" for k, n in enumerate(mine)
                        for rest, _ in model.get_submodule(n).named_parameters()}
         self.microbatches = microbatches
-        self.loss_fn = loss_fn
         # Imported here: torch.distributed.pipelining takes ~0.8 s to import, which every
         # `import trainpatterns` would otherwise pay.
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
