@@ -57,11 +57,12 @@ class Progress:
         self.shown_keys = tuple(shown_keys)
         self.last: dict = {}
 
-    def step(self, count: int, length: int, loss: float, rows: int, t0: float, index: int) -> None:
-        """After step ``count`` of ``length`` in virtual epoch ``index`` (refreshing every 10)."""
+    def step(self, count: int, last: bool, loss: float, rows: int, t0: float, index: int) -> None:
+        """After step ``count`` of virtual epoch ``index`` (``last``: its final step); the figures
+        are refreshed on the first step, every 10th and the last."""
         if self.bar is None:
             return
-        if count % 10 == 0 or count == length or count == 1:
+        if count % 10 == 0 or last or count == 1:
             rate = rows * self.world / max(time.perf_counter() - t0, 1e-9)
             shown = {"loss": f"{loss:.4g}", "samples_s": f"{rate:,.0f}", "vepoch": f"{index + 1}/{self.num_epochs}"}
             shown.update({k: f"{self.last[k]:.4g}" for k in self.shown_keys if k in self.last})

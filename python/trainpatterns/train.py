@@ -320,7 +320,7 @@ class Trainer:
                     self.step = step + 1
                     for cb in self.callbacks:
                         cb.on_step_end(self, self.step, loss)
-                    bar.step(count, len(vepoch) + count - 1, float(total) / count, rows, t0, vepoch.index)
+                    bar.step(count, len(vepoch) == 0, float(total) / count, rows, t0, vepoch.index)
                 if count == 0:
                     continue
                 bar.last = self._end_epoch(vepoch.index, self._mean_over_ranks(total, count), rows,
