@@ -390,3 +390,26 @@ def test_train_with_parameter_servers_under_torchrun(tmp_path):
 def test_async_strategy_outside_torchrun_is_a_one_line_error(tmp_path):
     res = cli_subprocess(tmp_path, "train", "--strategy", "async", "--run-dir", str(tmp_path / "a"))
     assert_one_line_error(res.returncode, res.stderr, "train", "--strategy async runs under torchrun")
+
+
+def test_plot_draws_max_error_against_training_time():
+    # The second panel: max error over elapsed training time (elapsed_s; a running sum of time_s for
+    # records without it), on a log scale.
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from trainpatterns.cli import _plot_max_error_against_time
+
+    rows = [{"epoch": 1, "train_loss": 1.0, "max_error": 0.5, "time_s": 2.0},
+            {"epoch": 2, "train_loss": 0.5, "max_error": 0.1, "time_s": 3.0},
+            {"epoch": 3, "train_loss": 0.2, "max_error": 1e-3, "time_s": 9.0, "elapsed_s": 20.0}]
+    fig, ax = plt.subplots()
+    try:
+        _plot_max_error_against_time(ax, rows)
+        (line,) = ax.get_lines()
+        assert list(line.get_xdata()) == [2.0, 5.0, 20.0]
+        assert list(line.get_ydata()) == [0.5, 0.1, 1e-3]
+        assert ax.get_yscale() == "log" and "time" in ax.get_xlabel()
+    finally:
+        plt.close(fig)
