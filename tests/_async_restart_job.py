@@ -1,5 +1,6 @@
 """A 3-rank AsyncDataParallel job for tests/test_async.py, run under ``torchrun --max-restarts``: in
-the first incarnation the server dies (os._exit) once its optimizer has stepped 150 times; torchrun
+the first incarnation the server dies (os._exit) once its optimizer has stepped 150 times, after its
+background save of update 100 has committed; torchrun
 restarts the group, whose server resumes from its checkpoint (saved every 50 updates) through
 torchrun's shared store, and the job finishes. Each rank prints where it started and what it saw.
 """
@@ -13,6 +14,7 @@ from trainpatterns.distributed import AsyncDataParallel
 from trainpatterns.optim import FusedAdamW
 
 TOTAL, KILL_AT, SAVE_EVERY = 300, 150, 50
+SERVER = []  # this process's AsyncDataParallel, once built
 
 
 def optimizer(params):
@@ -22,6 +24,7 @@ def optimizer(params):
     def die(o, args, kwargs):
         state = o.state[o.param_groups[0]["params"][0]]
         if first and int(state.get("step", 0)) >= KILL_AT:
+            SERVER[0].server.manager.wait()  # the save of update 100 has committed (it is written in the background)
             os._exit(9)
 
     opt.register_step_post_hook(die)
@@ -34,6 +37,7 @@ def main() -> None:
     model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 2))
     adp = AsyncDataParallel(model, optimizer=optimizer, total_updates=TOTAL, timeout=20.0,
                             checkpoint_dir=sys.argv[1], save_every=SAVE_EVERY)
+    SERVER.append(adp)
     incarnation = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     if adp.is_server:
         print(f"incarnation {incarnation}: server starts at version {adp.server.version}", flush=True)
