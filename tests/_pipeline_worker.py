@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import torch
 from torch import nn
@@ -49,13 +50,92 @@ def checkpointed(out: str, mode: str, rank: int) -> None:
                os.path.join(out, f"{mode}{rank}.pt"))
 
 
+def training(out: str, rank: int, pp: PipelineParallel, rows: slice) -> None:
+    """Batch 0's loss and gradients, then STEPS steps with global-norm clipping; saved per rank."""
+    x, y = batch(0)
+    x, y = x[rows], y[rows]
+    loss = pp.step(x if pp.is_first else None, y if pp.is_last else None)
+    grads = {n: p.grad.clone() for n, p in pp.named_parameters()}
+    opt = FusedAdamW(pp.parameters(), lr=1e-2)
+    losses = []
+    for step in range(1, STEPS + 1):
+        opt.zero_grad()
+        x, y = batch(step)
+        losses.append(pp.step(x[rows], y[rows]))
+        pp.clip_grad_norm_(1.0)
+        opt.step()
+    pp.export_full_model(os.path.join(out, "full.safetensors"))
+    state_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                      if isinstance(t, torch.Tensor) and t.dim() > 0)
+    torch.save({"loss": loss, "grads": grads, "losses": losses, "blocks": pp.stage_blocks, "stage_ids": pp.stage_ids,
+                "costs": pp.stage_costs, "param_bytes": sum(p.numel() * p.element_size() for p in pp.parameters()),
+                "optimizer_bytes": state_bytes,
+                "params": {n: p.detach().clone() for n, p in pp.named_parameters()}},
+               os.path.join(out, f"rank{rank}.pt"))
+
+
+class Fails(nn.Module):
+    """An identity block that raises at the forward call number ``at`` (the "raise" mode)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.at:
+            raise RuntimeError("block failed on purpose")
+        return x
+
+
+def failing(mode: str, rank: int) -> None:
+    """A stage that dies (os._exit) or raises in its third batch: the other stage must fail too, fast."""
+    blocks = list(make_model())
+    if mode == "raise":
+        blocks.append(Fails(at=9))  # the last stage's 9th micro-batch forward: batch 3
+    pp = PipelineParallel(nn.Sequential(*blocks), microbatches=4, loss_fn=nn.MSELoss())
+    for step in range(5):
+        if mode == "dead" and rank == 1 and step == 2:
+            os._exit(3)
+        start = time.perf_counter()
+        try:
+            pp.step(*batch(step))
+        except RuntimeError as e:
+            print(f"rank {rank}: failed in step {step} after {time.perf_counter() - start:.1f} s: {e}", flush=True)
+            try:
+                pp.step(*batch(step))
+            except RuntimeError as again:
+                print(f"rank {rank}: then: {again}", flush=True)
+            return
+
+
+def bad_shapes(rank: int) -> None:
+    """A stage that cannot take the previous stage's output, then targets the loss cannot take."""
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(8, 3))
+    pp = PipelineParallel(model, split_points=["2"], microbatches=4, loss_fn=nn.MSELoss())
+    for y in (torch.randn(BATCH, 3), torch.randn(BATCH, 3)):
+        try:
+            pp.step(torch.randn(BATCH, 5), y)
+        except ValueError as e:
+            print(f"rank {rank}: ValueError: {e}", flush=True)
+    pp = PipelineParallel(make_model(), microbatches=4, loss_fn=nn.MSELoss())
+    try:
+        pp.step(torch.randn(BATCH, 5), torch.randn(BATCH, 4))
+    except ValueError as e:
+        print(f"rank {rank}: ValueError: {e}", flush=True)
+    loss = pp.step(torch.randn(BATCH, 5), torch.randn(BATCH, 3))  # and then a good batch runs
+    loss = pp.step(torch.randn(BATCH // 2, 5), torch.randn(BATCH // 2, 3))  # and a smaller one
+    print(f"rank {rank}: then ran, loss {loss}", flush=True)
+
+
 def main() -> None:
-    out, schedule, microbatches = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    out, mode, microbatches = sys.argv[1], sys.argv[2], int(sys.argv[3])
     torch.set_num_threads(1)
     info = init_from_env("gloo", timeout=60)
-    if schedule == "errors":  # bad arguments: the same clear error on every rank, before any communication
+    if mode == "errors":  # bad arguments: the same clear error on every rank, before any communication
         for kwargs in (dict(split_points=["9"]), dict(split_points=["2", "4"]), dict(microbatches=0),
-                       dict(schedule="zigzag"), dict(stages=5)):
+                       dict(schedule="zigzag"), dict(stages=5), dict(data_parallel=3),
+                       dict(schedule="interleaved", stages=3), dict(balance="time")):
             try:
                 PipelineParallel(make_model(), loss_fn=nn.MSELoss(), **kwargs)
             except (ValueError, TypeError) as e:
@@ -64,35 +144,31 @@ def main() -> None:
             PipelineParallel(nn.Sequential(nn.Linear(5, 3)), loss_fn=nn.MSELoss())
         except ValueError as e:
             print(f"rank {info.rank}: {type(e).__name__}: {e}", flush=True)
-        shutdown()
-        return
-    if schedule.startswith("ckpt"):
-        checkpointed(out, schedule, info.rank)
-        shutdown()
-        return
-    pp = PipelineParallel(make_model(), microbatches=microbatches, schedule=schedule, loss_fn=nn.MSELoss())
-    if BATCH % microbatches:  # the bad-input run: every rank must raise, none may wait
+    elif mode.startswith("ckpt"):
+        checkpointed(out, mode, info.rank)
+    elif mode in ("dead", "raise"):
+        failing(mode, info.rank)
+        if mode == "dead":
+            os._exit(0)  # the process group lost a member: skip the goodbye barrier
+    elif mode == "shapes":
+        bad_shapes(info.rank)
+    elif BATCH % microbatches:  # the bad-input run: every rank must raise, none may wait
+        pp = PipelineParallel(make_model(), microbatches=microbatches, loss_fn=nn.MSELoss())
         try:
             pp.step(*batch(0))
         except ValueError as e:
             print(f"rank {info.rank}: ValueError: {e}", flush=True)
-        shutdown()
-        return
-    x, y = batch(0)
-    loss = pp.step(x if pp.is_first else None, y if pp.is_last else None)
-    grads = {n: p.grad.clone() for n, p in pp.named_parameters()}
-    opt = FusedAdamW(pp.parameters(), lr=1e-2)
-    losses = []
-    for step in range(1, STEPS + 1):
-        opt.zero_grad()
-        x, y = batch(step)
-        losses.append(pp.step(x, y))
-        pp.clip_grad_norm_(1.0)
-        opt.step()
-    pp.export_full_model(os.path.join(out, "full.safetensors"))
-    torch.save({"loss": loss, "grads": grads, "losses": losses, "blocks": pp.block_names,
-                "params": {n: p.detach().clone() for n, p in pp.named_parameters()}},
-               os.path.join(out, f"rank{info.rank}.pt"))
+    else:
+        kwargs: dict = dict(schedule=mode) if mode in ("1f1b", "gpipe", "interleaved") else {}
+        rows = slice(None)
+        if mode == "dp":  # 2 replicas of a 2-stage pipeline, each on its half of the batch
+            kwargs = dict(data_parallel=2)
+            half = BATCH // 2
+            rows = slice(info.rank // 2 * half, (info.rank // 2 + 1) * half)
+        if mode == "time":
+            kwargs = dict(balance="time", example_inputs=batch(0)[0])
+        pp = PipelineParallel(make_model(), microbatches=microbatches, loss_fn=nn.MSELoss(), **kwargs)
+        training(out, info.rank, pp, rows)
     shutdown()
 
 

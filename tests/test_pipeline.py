@@ -43,21 +43,35 @@ def reference():
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("world,schedule", [(2, "1f1b"), (2, "gpipe"), (3, "1f1b")])
-def test_stages_equal_the_unsplit_model(tmp_path, world, schedule):
-    res = run_ranks([WORKER, str(tmp_path), schedule, "4"], world=world, timeout_s=150)
+@pytest.mark.parametrize("world,mode,microbatches", [(2, "1f1b", 4), (2, "gpipe", 4), (3, "1f1b", 4),
+                                                     (3, "gpipe", 3), (2, "interleaved", 4), (2, "time", 4),
+                                                     (4, "dp", 2)])
+def test_stages_equal_the_unsplit_model(tmp_path, world, mode, microbatches):
+    # "dp": 2 replicas of a 2-stage pipeline (ranks 0-1 and 2-3), each on half of the batch.
+    res = run_ranks([WORKER, str(tmp_path), mode, str(microbatches)], world=world, timeout_s=150)
     assert [r[0] for r in res] == [0] * world, res
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
     loss, grads, losses, model = reference()
-    assert all(r["loss"] is None for r in ranks[:-1])
-    assert ranks[-1]["loss"] == pytest.approx(loss, rel=1e-6)
+    width = 2 if mode == "dp" else world
+    last = [r for r in range(world) if r % width == width - 1]
+    assert all(ranks[r]["loss"] is None for r in range(world) if r not in last)
+    for r in last:
+        assert ranks[r]["loss"] == pytest.approx(loss, rel=1e-6)
     seen = {}
     for r in ranks:
+        for n, g in r["grads"].items():
+            if n in seen:  # a replica of the same stage: the same averaged gradient
+                torch.testing.assert_close(g, seen[n], rtol=0, atol=0)
         seen.update(r["grads"])
     assert sorted(seen) == sorted(grads)  # every parameter once, under the unsplit model's names
     for n, g in grads.items():
         torch.testing.assert_close(seen[n], g, rtol=1e-5, atol=1e-6)
     assert all(math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6) for a, b in zip(ranks[-1]["losses"], losses))
+    if mode == "interleaved":  # 4 stages looped over 2 ranks: rank 0 holds stages 0 and 2
+        assert [r["stage_ids"] for r in ranks] == [[0, 2], [1, 3]] and len(ranks[0]["blocks"]) == 4
+    if mode == "time":  # the ranks measured, averaged and cut alike; the costs are seconds
+        assert ranks[0]["blocks"] == ranks[1]["blocks"] and ranks[0]["costs"] == ranks[1]["costs"]
+        assert all(0 < c < 1 for c in ranks[0]["costs"])
     plain = W.make_model()
     load_weights(plain, tmp_path / "full.safetensors")
     for n, p in model.named_parameters():
@@ -87,7 +101,7 @@ def test_bad_arguments_are_clear_errors():
 def test_balance_by_bytes_is_the_best_contiguous_cut(sizes, stages):
     from itertools import combinations
 
-    from trainpatterns.distributed.pipeline import _balanced_starts
+    from trainpatterns.distributed._pipeline_split import balanced_starts as _balanced_starts
 
     starts = _balanced_starts([float(s) for s in sizes], stages)
     assert len(starts) == stages and starts[0] == 0 and starts == sorted(set(starts))
@@ -106,9 +120,11 @@ def test_bad_splits_are_the_same_clear_error_on_every_rank(tmp_path):
     assert [r[0] for r in res] == [0, 0], res
     for rank, (_, out, _) in enumerate(res):
         lines = [line for line in out.splitlines() if line.startswith(f"rank {rank}: ")]
-        assert len(lines) == 6, out
+        assert len(lines) == 9, out
         for want in ("split point(s) ['9'] are not top-level blocks", "split_points must name 1 block(s)",
                      "microbatches must be an int >= 1", "schedule must be one of", "stages=5 but the job has 2 ranks",
+                     "data_parallel=3 does not divide the job's 2 ranks", "stages=3: the interleaved schedule needs",
+                     "balance='time' times each block on a micro-batch: pass example_inputs=",
                      "2 stages but the model has only 1 top-level blocks"):
             assert any(want in line for line in lines), (want, lines)
 
@@ -127,3 +143,49 @@ def test_each_stage_checkpoints_its_shard_and_resumes_bitwise(tmp_path):
         assert sorted(full["params"]) == sorted(resumed["params"])
         for n in full["params"]:
             assert torch.equal(full["params"][n], resumed["params"][n]), (rank, n)
+
+
+@pytest.mark.timeout(120)
+def test_shapes_that_do_not_fit_between_stages_are_an_error_on_every_rank(tmp_path):
+    res = run_ranks([WORKER, str(tmp_path), "shapes", "4"], world=2, timeout_s=90)
+    assert [r[0] for r in res] == [0, 0], res
+    for rank, (_, out, _) in enumerate(res):
+        lines = [line for line in out.splitlines() if line.startswith(f"rank {rank}: ")]
+        assert len(lines) == 4, out
+        assert "stage 1 (blocks ['2']) cannot take stage 0's output of shape (6, 16) float32" in lines[0]
+        assert lines[1] == lines[0]  # refused again, not half-run
+        assert "the loss cannot take the last stage's output (6, 3) float32 with targets (6, 4) float32" in lines[2]
+        assert "then ran" in lines[3]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["dead", "raise"])
+def test_a_failed_stage_fails_the_others_fast(tmp_path, mode):
+    # "dead": rank 1 exits in its third batch; "raise": a block of the last stage raises. The other
+    # rank must fail within seconds (the process group's timeout is 60 s), and a later step refuses.
+    res = run_ranks([WORKER, str(tmp_path), mode, "4"], world=2, timeout_s=90)
+    if mode == "dead":
+        assert res[1][0] == 3
+    ranks = [0] if mode == "dead" else [0, 1]
+    for rank in ranks:
+        assert res[rank][0] == 0, res
+        lines = [line for line in res[rank][1].splitlines() if line.startswith(f"rank {rank}: ")]
+        assert len(lines) == 2, res[rank]
+        seconds = float(lines[0].split(" after ")[1].split(" s:")[0])
+        assert seconds < 20, lines[0]
+        assert "failed during the step" in lines[0] and "then: PipelineParallel: stage" in lines[1]
+    if mode == "raise":
+        assert "block failed on purpose" in res[1][1]
+
+
+def test_each_rank_holds_only_its_share_of_parameters_and_optimizer_state(tmp_path):
+    res = run_ranks([WORKER, str(tmp_path), "1f1b", "4"], world=3, timeout_s=150)
+    assert [r[0] for r in res] == [0, 0, 0], res
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(3)]
+    model = W.make_model()
+    for r in ranks:
+        blocks = r["blocks"][[x["stage_ids"] for x in ranks].index(r["stage_ids"])]
+        share = sum(p.numel() * 4 for b in blocks for p in model.get_submodule(b).parameters())
+        assert r["param_bytes"] == share
+        assert r["optimizer_bytes"] == 2 * share  # AdamW's two moments, of this stage only
+    assert sum(r["param_bytes"] for r in ranks) == sum(p.numel() * 4 for p in model.parameters())

@@ -1,20 +1,26 @@
 """PipelineParallel: model parallelism by pipeline stages, on ``torch.distributed.pipelining``.
 
-A model too large for one device is cut into stages, one per rank, at boundaries between its
-top-level blocks (an ``nn.Sequential``'s children): at the names given, or balanced by parameter
-bytes. Each rank keeps only its stage; a batch is cut into micro-batches that stream through the
-stages under torch's schedules (GPipe: every forward, then every backward; 1F1B: one forward, one
-backward once the pipeline is full, so a stage holds at most ``stages`` micro-batches' activations).
-Gradients are those of the batch's mean loss, as in the unsplit model (the schedules scale each
-micro-batch's gradient by ``1 / microbatches``).
+A model too large for one device is cut into stages at boundaries between its top-level blocks (an
+``nn.Sequential``'s children): at the names given, or balanced by parameter bytes or by measured
+time (``_pipeline_split.py``). A batch is cut into micro-batches that stream through the stages
+under torch's schedules: GPipe (every forward, then every backward), 1F1B (one forward, one backward
+once the pipeline is full, so a stage holds at most ``stages`` micro-batches' activations) or
+interleaved 1F1B (each rank holds several stages, looped, which shrinks the bubble). Gradients are
+those of the batch's mean loss, as in the unsplit model (the schedules scale each micro-batch's
+gradient by ``1 / microbatches``).
 
-Each rank's optimizer sees only its stage's parameters; :meth:`PipelineParallel.clip_grad_norm_`
-clips by the norm over all stages (one scalar all-reduce). :meth:`named_parameters` keeps the unsplit
-model's names, and :meth:`export_full_model` gathers the stages into one safetensors file that the
-unsplit model loads.
+Layout of ranks with ``data_parallel=r`` (world = r * P): replica ``d`` is the pipeline of global
+ranks ``d*P .. d*P+P-1``, and pipeline rank ``p`` holds stages ``p, p+P, ...``; the ranks holding
+the same stages in each replica form a data-parallel group whose gradients are averaged after the
+schedule, once per batch, through ``SyncDataParallel``'s buckets.
+
+A schedule that fails on one rank (an exception, a dead peer) closes the pipeline's process group,
+so its neighbours fail at once instead of waiting for the process group's timeout.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -24,58 +30,49 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint._format import write_safetensors
+from . import _pipeline_checks as checks
+from ._pipeline_split import BALANCES, block_costs, cut
+from .sync import SyncDataParallel
 
 __all__ = ["PipelineParallel"]
 
-_SCHEDULES = ("1f1b", "gpipe")
+_SCHEDULES = ("1f1b", "gpipe", "interleaved")
+log = logging.getLogger("trainpatterns.pipeline")
 
 
-def _balanced_starts(sizes: list, stages: int) -> list:
-    """Start indices of ``stages`` contiguous groups of ``sizes`` minimising the largest group's
-    sum (every group non-empty): binary search on the bound, greedy packing."""
-    def fits(bound: float) -> Optional[list]:
-        starts, total = [0], 0.0
-        for i, s in enumerate(sizes):
-            if total + s > bound and total > 0:
-                starts.append(i)
-                total = 0.0
-            total += s
-        return starts if len(starts) <= stages else None
-
-    lo, hi = max(sizes), sum(sizes)
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if fits(mid) is None:
-            lo = mid
-        else:
-            hi = mid
-    starts = fits(hi)
-    # Split the largest groups further until there are exactly ``stages`` (each block stays whole).
-    while len(starts) < stages:
-        bounds = starts + [len(sizes)]
-        k = max((j for j in range(len(starts)) if bounds[j + 1] - bounds[j] > 1),
-                key=lambda j: sum(sizes[bounds[j]:bounds[j + 1]]))
-        starts.insert(k + 1, bounds[k] + (bounds[k + 1] - bounds[k]) // 2)
-    return starts
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
 
 
 class PipelineParallel(nn.Module):
-    """One rank's stage of ``model`` (an ``nn.Sequential``), run by a pipeline schedule.
+    """This rank's stage(s) of ``model`` (an ``nn.Sequential``), run by a pipeline schedule.
 
     Args:
         model: the whole model, built the same on every rank (only this rank's blocks are kept).
-        stages: number of stages (default: the world size; one stage per rank).
+        stages: number of stages: the pipeline's ranks (``world / data_parallel``), or twice that
+            with ``schedule="interleaved"`` (any multiple of it).
         split_points: names of the blocks that start stages 2, 3, ... (``stages - 1`` names).
-        balance: ``"params"``: without ``split_points``, cut so that the stages' parameter bytes are
-            as equal as contiguous blocks allow.
+        balance: without ``split_points``, cut so that the most expensive stage is as cheap as
+            contiguous blocks allow, by ``"params"`` (parameter bytes) or ``"time"`` (forward +
+            backward seconds per block, measured on a micro-batch of ``example_inputs``).
         microbatches: micro-batches per batch (must divide the batch).
-        schedule: ``"1f1b"`` or ``"gpipe"``.
+        schedule: ``"1f1b"``, ``"gpipe"`` or ``"interleaved"`` (interleaved 1F1B).
         loss_fn: ``loss_fn(outputs, targets)`` of one micro-batch, a mean over its examples.
+        data_parallel: replicas of the pipeline; each stage's gradients are averaged over them.
+        example_inputs: a batch of inputs, for ``balance="time"``.
+        bucket_mb: gradient bucket size of the data-parallel all-reduce.
+
+    Attributes: ``stage`` (the first stage this rank holds), ``stage_ids`` (all of them),
+    ``is_first``/``is_last``, ``replica``, ``stage_blocks`` (block names of every stage),
+    ``stage_costs`` (each stage's cost, in ``cost_unit``: ``"bytes"`` or ``"seconds"``).
     """
 
     def __init__(self, model: nn.Module, *, stages: Optional[int] = None, split_points: Optional[Sequence[str]] = None,
                  balance: str = "params", microbatches: int = 4, schedule: str = "1f1b",
-                 loss_fn: Optional[Callable] = None) -> None:
+                 loss_fn: Optional[Callable] = None, data_parallel: int = 1, example_inputs: Any = None,
+                 bucket_mb: float = 25) -> None:
         super().__init__()
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("PipelineParallel runs under torchrun: call trainpatterns.init_from_env() first")
@@ -83,53 +80,91 @@ class PipelineParallel(nn.Module):
             raise TypeError(f"PipelineParallel splits an nn.Sequential at its top-level blocks, got {type(model).__name__}")
         if schedule not in _SCHEDULES:
             raise ValueError(f"schedule must be one of {_SCHEDULES}, got {schedule!r}")
-        if balance != "params":
-            raise ValueError(f"balance must be 'params', got {balance!r}")
-        if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
-            raise ValueError(f"microbatches must be an int >= 1, got {microbatches!r}")
+        if balance not in BALANCES:
+            raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
+        self.microbatches = _positive_int(microbatches, "microbatches")
+        self.replicas = _positive_int(data_parallel, "data_parallel")
         if loss_fn is None:
             raise ValueError("PipelineParallel needs loss_fn(outputs, targets) for the last stage")
         self.rank, world = dist.get_rank(), dist.get_world_size()
-        self.stages = world if stages is None else stages
-        if self.stages != world:
-            raise ValueError(f"stages={self.stages} but the job has {world} ranks (one stage per rank)")
+        if world % self.replicas:
+            raise ValueError(f"data_parallel={self.replicas} does not divide the job's {world} ranks")
+        width = world // self.replicas  # ranks per pipeline
+        self.replica, self._index = divmod(self.rank, width)
+        self.stages = (width * (2 if schedule == "interleaved" else 1)) if stages is None else stages
+        if schedule == "interleaved":
+            if isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages % width:
+                raise ValueError(f"stages={self.stages}: the interleaved schedule needs a multiple of the pipeline's "
+                                 f"{width} ranks (each rank holds stages p, p+{width}, ...)")
+        elif self.stages != width:
+            raise ValueError(f"stages={self.stages} but the job has {width} ranks per pipeline (one stage per rank; "
+                             f"schedule='interleaved' holds several)")
         names = [n for n, _ in model.named_children()]
         if self.stages > len(names):
             raise ValueError(f"{self.stages} stages but the model has only {len(names)} top-level blocks")
-        starts = self._starts(model, names, split_points)
-        self.stage = self.rank
-        bounds = starts + [len(names)]
-        mine = names[bounds[self.rank]:bounds[self.rank + 1]]
-        self.block_names = mine
-        self.module = nn.Sequential(*[model.get_submodule(n) for n in mine])
-        self._names = {f"{k}.{rest}": f"{n}.{rest}" for k, n in enumerate(mine)
-                       for rest, _ in model.get_submodule(n).named_parameters()}
-        self.microbatches = microbatches
+        costs = None
+        if split_points is None or balance == "time":
+            costs = block_costs(model, names, balance, example_inputs, self.microbatches)
+        bounds = cut(names, self.stages, split_points, costs) + [len(names)]
+        self.stage_blocks = [names[bounds[s]:bounds[s + 1]] for s in range(self.stages)]
+        if costs is None:
+            costs = block_costs(model, names, "params", None, self.microbatches)
+        self.cost_unit = "seconds" if balance == "time" else "bytes"
+        self.stage_costs = [sum(costs[bounds[s]:bounds[s + 1]]) for s in range(self.stages)]
+        if self.rank == 0:
+            log.info("pipeline stages (%s): %s", self.cost_unit,
+                     "; ".join(f"{s}: {b[0]}..{b[-1]} {c:.4g}" for s, (b, c) in
+                               enumerate(zip(self.stage_blocks, self.stage_costs))))
+
+        self.stage_ids = list(range(self._index, self.stages, width))
+        self.stage = self.stage_ids[0]
+        self._pipeline_ranks, self._group, self._dp_group = self._make_groups(world, width)
+        inner = [nn.Sequential(*[model.get_submodule(n) for n in self.stage_blocks[s]]) for s in self.stage_ids]
+        self._inner = inner
+        self._names = {}
+        for s in self.stage_ids:
+            for n in self.stage_blocks[s]:
+                for rest, p in model.get_submodule(n).named_parameters():
+                    self._names[id(p)] = f"{n}.{rest}"
+        if self._dp_group is not None:
+            self.module = nn.ModuleList([SyncDataParallel(m, bucket_mb, process_group=self._dp_group) for m in inner])
+        else:
+            self.module = nn.ModuleList(inner)
+        self._schedule_kind = schedule
+        self._loss_fn = loss_fn
+        self._specs: tuple = (None, None)
+        self._schedule = None
+        self._broken: Optional[str] = None
+
+    def _make_groups(self, world: int, width: int) -> tuple:
+        """Every rank creates every group, in the same order (``new_group`` is collective)."""
+        pipeline = dp = None
+        for d in range(self.replicas):
+            ranks = list(range(d * width, (d + 1) * width))
+            g = dist.new_group(ranks)
+            if d == self.replica:
+                pipeline, mine = g, ranks
+        if self.replicas > 1:
+            for p in range(width):
+                g = dist.new_group(list(range(p, world, width)))
+                if p == self._index:
+                    dp = g
+        return mine, pipeline, dp
+
+    def _build(self) -> None:
         # Imported here: torch.distributed.pipelining takes ~0.8 s to import, which every
         # `import trainpatterns` would otherwise pay.
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+        from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
+                                                  ScheduleInterleaved1F1B)
 
-        device = next(self.module.parameters(), torch.empty(0)).device
-        self._stage = PipelineStage(self.module, self.rank, self.stages, device)
-        kind = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
-        self._schedule = kind(self._stage, n_microbatches=microbatches, loss_fn=loss_fn)
-
-    def _starts(self, model: nn.Sequential, names: list, split_points: Optional[Sequence[str]]) -> list:
-        if split_points is not None:
-            points = list(split_points)
-            if len(points) != self.stages - 1:
-                raise ValueError(f"split_points must name {self.stages - 1} block(s) (where stages 2.. start), "
-                                 f"got {points}")
-            unknown = [p for p in points if p not in names]
-            if unknown:
-                raise ValueError(f"split point(s) {unknown} are not top-level blocks of the model ({names})")
-            starts = [0] + [names.index(p) for p in points]
-            if starts != sorted(set(starts)) or 0 in starts[1:]:
-                raise ValueError(f"split_points {points} must be distinct blocks in model order, after the first")
-            return starts
-        sizes = [float(sum(p.numel() * p.element_size() for p in model.get_submodule(n).parameters()) or 1)
-                 for n in names]
-        return _balanced_starts(sizes, self.stages)
+        device = next(self.parameters(), torch.empty(0)).device
+        stages = [PipelineStage(m, s, self.stages, device, group=self._group)
+                  for m, s in zip(self.module, self.stage_ids)]
+        if self._schedule_kind == "interleaved":
+            self._schedule = ScheduleInterleaved1F1B(stages, n_microbatches=self.microbatches, loss_fn=self._loss_fn)
+        else:
+            kind = Schedule1F1B if self._schedule_kind == "1f1b" else ScheduleGPipe
+            self._schedule = kind(stages[0], n_microbatches=self.microbatches, loss_fn=self._loss_fn)
 
     @property
     def is_first(self) -> bool:
@@ -137,57 +172,111 @@ class PipelineParallel(nn.Module):
 
     @property
     def is_last(self) -> bool:
-        return self.stage == self.stages - 1
+        return self.stage_ids[-1] == self.stages - 1
 
     def named_parameters(self, prefix: str = "", recurse: bool = True,
                          remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
-        """This stage's parameters under the unsplit model's names."""
-        for local, p in self.module.named_parameters():
-            yield prefix + self._names[local], p
+        """This rank's parameters under the unsplit model's names."""
+        for p in self.parameters():
+            yield prefix + self._names[id(p)], p
 
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
-        return self.module.parameters()
+        for m in self._inner:
+            yield from m.parameters()
+
+    # ----- one batch -----------------------------------------------------------------------------
 
     def step(self, inputs: Any = None, targets: Any = None) -> Optional[float]:
-        """Run one batch through the schedule (forward and backward of every micro-batch); the
-        batch's mean loss on the last stage, None elsewhere. Every rank calls it; only the first
-        stage needs ``inputs`` and only the last ``targets``."""
-        problem = (self._check_batch(inputs, "inputs") if self.is_first else None) or (
-            self._check_batch(targets, "targets") if self.is_last else None)
-        # Every stage hears of a refused batch (one scalar all-reduce), so none waits for it.
-        flag = torch.tensor([1.0 if problem else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item():
+        """Run one batch through the schedule (forward and backward of every micro-batch; with
+        ``data_parallel`` the gradients are then averaged over the replicas); the batch's mean loss
+        on the last stage (over all replicas' batches), None elsewhere. Every rank calls it; only
+        the first stage needs ``inputs`` and only the last ``targets``; each replica's ranks pass
+        that replica's batch."""
+        if self._broken:
+            raise RuntimeError(self._broken)
+        specs = list(self._specs)
+        problem = None
+        if self.is_first:
+            problem = checks.batch_problem(inputs, "inputs", self.stage, self.microbatches)
+            specs[0] = None if problem else checks.micro_spec(inputs, self.microbatches)
+        if self.is_last and not problem:
+            problem = checks.batch_problem(targets, "targets", self.stages - 1, self.microbatches)
+            specs[1] = None if problem else checks.micro_spec(targets, self.microbatches)
+        changed = self._schedule is None or tuple(specs) != self._specs
+        # Every rank hears of a refused batch or a change of shapes (one all-reduce), so none waits.
+        flag = torch.tensor([1.0 if problem else 0.0, 1.0 if changed else 0.0])
+        try:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        except RuntimeError as e:  # a rank died: say so here too, and close the pipeline
+            self._fail(e)
+        if flag[0].item():
             raise ValueError(problem or "another stage refused the batch (its error names why)")
-        losses: list = []
-        if self.is_first and self.is_last:
-            self._schedule.step(inputs, target=targets, losses=losses)
-        elif self.is_first:
-            self._schedule.step(inputs)
-        elif self.is_last:
-            self._schedule.step(target=targets, losses=losses)
-        else:
-            self._schedule.step()
+        if flag[1].item():
+            self._check_shapes(specs)
+        self._run(inputs, targets)
         if not self.is_last:
             return None
-        return float(sum(float(v) for v in losses) / len(losses))
+        loss = torch.tensor(sum(float(v.detach()) for v in self._losses) / len(self._losses), dtype=torch.float64)
+        if self._dp_group is not None:
+            dist.all_reduce(loss, group=self._dp_group)
+            loss /= self.replicas
+        return float(loss)
 
-    def _check_batch(self, t: Any, what: str) -> Optional[str]:
-        if not isinstance(t, torch.Tensor) or t.dim() == 0:
-            return f"stage {self.stage} needs {what} as a tensor with a batch dimension, got {type(t).__name__}"
-        if t.shape[0] % self.microbatches:
-            return f"the batch of {t.shape[0]} rows does not split into {self.microbatches} micro-batches"
-        return None
+    def _check_shapes(self, specs: list) -> None:
+        blocks = {s: self.stage_blocks[s] for s in range(self.stages)}
+        local = dict(zip(self.stage_ids, self._inner))
+        error = checks.walk_shapes(local, blocks, self.stages, self._pipeline_ranks, self._index, self._group,
+                                   specs[0], specs[1], self._loss_fn)
+        flag = torch.tensor([1.0 if error else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # the other replicas hear of it too
+        if flag.item():
+            raise ValueError(error or "another replica's pipeline refused the batch (its error names why)")
+        self._specs = tuple(specs)
+        self._build()  # torch's stages keep the shapes of their first batch: a new shape needs new ones
+
+    def _run(self, inputs: Any, targets: Any) -> None:
+        self._losses: list = []
+        sync = self._dp_group is not None
+        try:
+            with contextlib.ExitStack() as stack:
+                if sync:
+                    for m in self.module:
+                        stack.enter_context(m.no_sync())
+                kwargs = {}
+                if self.is_last:
+                    kwargs = dict(target=targets, losses=self._losses)
+                if self.is_first:
+                    self._schedule.step(inputs, **kwargs)
+                else:
+                    self._schedule.step(**kwargs)
+        except Exception as e:
+            self._fail(e)
+        if sync:
+            for m in self.module:
+                m.sync_gradients()
+
+    def _fail(self, e: Exception) -> None:
+        cause = e
+        while cause.__cause__ is not None:  # torch's stages wrap the block's own exception
+            cause = cause.__cause__
+        self._broken = (f"PipelineParallel: stage {self.stage} (rank {self.rank}) failed during the step: "
+                        f"{type(cause).__name__}: {str(cause).strip()}. The pipeline's process group is closed so that the other stages "
+                        f"fail too instead of waiting; restart from the last checkpoint (torchrun --max-restarts)")
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group(self._group)
+        raise RuntimeError(self._broken) from e
+
+    # ----- after the step ------------------------------------------------------------------------
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Scale every stage's gradients so that their norm over all stages is at most ``max_norm``
         (one scalar all-reduce); the norm before clipping. Every rank calls it."""
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
         local = torch.zeros((), dtype=torch.float64)
         for g in grads:
             local += g.detach().double().pow(2).sum().cpu()
         dist.all_reduce(local)
-        norm = math.sqrt(float(local))
+        norm = math.sqrt(float(local) / self.replicas)  # each stage is counted once per replica
         if norm > max_norm:
             for g in grads:
                 g.mul_(max_norm / (norm + 1e-6))
@@ -197,10 +286,12 @@ class PipelineParallel(nn.Module):
         """Gather every stage's parameters and buffers to rank 0 and write them, under the unsplit
         model's names, to one safetensors file ``path`` (rank 0 writes; every rank calls it)."""
         mine = {}
-        for k, n in enumerate(self.block_names):
-            for rest, t in self.module[k].state_dict().items():
-                mine[f"{n}.{rest}"] = t.detach().cpu().contiguous()
-        parts: list = [None] * self.stages if self.rank == 0 else None
+        if self.replica == 0:
+            for k, s in enumerate(self.stage_ids):
+                for j, n in enumerate(self.stage_blocks[s]):
+                    for rest, t in self._inner[k][j].state_dict().items():
+                        mine[f"{n}.{rest}"] = t.detach().cpu().contiguous()
+        parts: Optional[list] = [None] * dist.get_world_size() if self.rank == 0 else None
         dist.gather_object(mine, parts, dst=0)
         if self.rank == 0:
             whole = {k: v for part in parts for k, v in part.items()}

@@ -264,6 +264,26 @@ class SyncDataParallel(nn.Module):
             self._launch(nb)
             self._next_launch += 1
 
+    def sync_gradients(self) -> None:
+        """Average the gradients accumulated so far over the group now, through the buckets (and,
+        with ``optimizer=``, step it bucket by bucket): for backward passes that ran without a
+        synchronising forward, such as those a pipeline schedule drives inside :meth:`no_sync`.
+        Every rank of the group calls it."""
+        if self._round_open:  # a backward that stopped half-way: its all-reduces end first
+            self._round_open = False
+            for b in self._buckets:
+                self._wait(b)
+        self._reset_round()
+        self._finish_round()
+
+    def _reset_round(self) -> None:
+        self._round_open = True
+        self._next_launch = 0
+        for b in self._buckets:
+            b.ready = [False] * len(b.params)
+            b.n_ready = 0
+            b.work = None
+
     def _open_round(self) -> None:
         # Graph-task ids grow as backward passes start, so a round opening in a task older than the
         # last round's was running around it: the last round was a nested backward (reentrant
@@ -277,12 +297,7 @@ class SyncDataParallel(nn.Module):
                 "torch.utils.checkpoint(..., use_reentrant=True)); the gradient average would end with the inner "
                 "backward, before the outer one has produced its gradients. Use use_reentrant=False")
         self._last_round_task = task
-        self._round_open = True
-        self._next_launch = 0
-        for b in self._buckets:
-            b.ready = [False] * len(b.params)
-            b.n_ready = 0
-            b.work = None
+        self._reset_round()
         torch.autograd.Variable._execution_engine.queue_callback(self._finish_round)
 
     def _launch(self, b: GradBucket) -> None:
