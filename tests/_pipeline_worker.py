@@ -128,6 +128,34 @@ def bad_shapes(rank: int) -> None:
     print(f"rank {rank}: then ran, loss {loss}", flush=True)
 
 
+def poison(model: nn.Sequential, at_step: list) -> None:
+    """Gradients of the first layer's weight become inf in the step numbered ``at_step[1]`` (the
+    caller counts steps in ``at_step[0]``): an overflow on the first stage only."""
+    model[0].weight.register_hook(lambda g: g * float("inf") if at_step[0] == at_step[1] else g)
+
+
+def scaled(out: str, rank: int) -> None:
+    """Four steps with a GradScaler; step 2 overflows on stage 0 only."""
+    counter = [0, 2]
+    model = make_model()
+    poison(model, counter)
+    pp = PipelineParallel(model, microbatches=4, loss_fn=nn.MSELoss())
+    opt = FusedAdamW(pp.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    losses = []
+    for step in range(4):
+        counter[0] = step
+        opt.zero_grad()
+        losses.append(pp.step(*batch(step), scaler=scaler))
+        scaler.unscale_(opt)
+        pp.clip_grad_norm_(1e9)
+        scaler.step(opt)
+        scaler.update()
+    torch.save({"losses": losses, "scale": scaler.get_scale(),
+                "params": {n: p.detach().clone() for n, p in pp.named_parameters()}},
+               os.path.join(out, f"scaled{rank}.pt"))
+
+
 def main() -> None:
     out, mode, microbatches = sys.argv[1], sys.argv[2], int(sys.argv[3])
     torch.set_num_threads(1)
@@ -150,6 +178,8 @@ def main() -> None:
         failing(mode, info.rank)
         if mode == "dead":
             os._exit(0)  # the process group lost a member: skip the goodbye barrier
+    elif mode == "scaler":
+        scaled(out, info.rank)
     elif mode == "shapes":
         bad_shapes(info.rank)
     elif BATCH % microbatches:  # the bad-input run: every rank must raise, none may wait

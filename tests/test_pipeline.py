@@ -189,3 +189,33 @@ def test_each_rank_holds_only_its_share_of_parameters_and_optimizer_state(tmp_pa
         assert r["param_bytes"] == share
         assert r["optimizer_bytes"] == 2 * share  # AdamW's two moments, of this stage only
     assert sum(r["param_bytes"] for r in ranks) == sum(p.numel() * 4 for p in model.parameters())
+
+
+@pytest.mark.timeout(120)
+def test_a_grad_scaler_skips_an_overflowing_step_on_every_stage(tmp_path):
+    # Step 2 overflows on stage 0 only; stage 1's scaler must skip it too, as one process would.
+    res = run_ranks([WORKER, str(tmp_path), "scaler", "4"], world=2, timeout_s=90)
+    assert [r[0] for r in res] == [0, 0], res
+    counter = [0, 2]
+    model = W.make_model()
+    W.poison(model, counter)
+    opt = FusedAdamW(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    losses = []
+    for step in range(4):
+        counter[0] = step
+        opt.zero_grad()
+        x, y = W.batch(step)
+        loss = nn.functional.mse_loss(model(x), y)
+        scaler.scale(loss).backward()
+        losses.append(float(loss.detach()))
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+    assert scaler.get_scale() == 2.0 ** 9  # one skipped step halved it
+    ranks = [torch.load(tmp_path / f"scaled{r}.pt", weights_only=False) for r in range(2)]
+    assert [r["scale"] for r in ranks] == [2.0 ** 9] * 2
+    assert ranks[1]["losses"] == pytest.approx(losses, rel=1e-5)
+    for n, p in model.named_parameters():
+        got = next(r["params"][n] for r in ranks if n in r["params"])
+        torch.testing.assert_close(got, p.detach(), rtol=1e-5, atol=1e-6)

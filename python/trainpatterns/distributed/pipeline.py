@@ -135,6 +135,8 @@ class PipelineParallel(nn.Module):
         self._specs: tuple = (None, None)
         self._schedule = None
         self._broken: Optional[str] = None
+        self._scale = 1.0
+        self._device = next(self.parameters(), torch.empty(0)).device
 
     def _make_groups(self, world: int, width: int) -> tuple:
         """Every rank creates every group, in the same order (``new_group`` is collective)."""
@@ -157,14 +159,14 @@ class PipelineParallel(nn.Module):
         from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
                                                   ScheduleInterleaved1F1B)
 
-        device = next(self.parameters(), torch.empty(0)).device
-        stages = [PipelineStage(m, s, self.stages, device, group=self._group)
+        stages = [PipelineStage(m, s, self.stages, self._device, group=self._group)
                   for m, s in zip(self.module, self.stage_ids)]
         if self._schedule_kind == "interleaved":
-            self._schedule = ScheduleInterleaved1F1B(stages, n_microbatches=self.microbatches, loss_fn=self._loss_fn)
+            self._schedule = ScheduleInterleaved1F1B(stages, n_microbatches=self.microbatches,
+                                                     loss_fn=self._scaled_loss)
         else:
             kind = Schedule1F1B if self._schedule_kind == "1f1b" else ScheduleGPipe
-            self._schedule = kind(stages[0], n_microbatches=self.microbatches, loss_fn=self._loss_fn)
+            self._schedule = kind(stages[0], n_microbatches=self.microbatches, loss_fn=self._scaled_loss)
 
     @property
     def is_first(self) -> bool:
@@ -186,12 +188,18 @@ class PipelineParallel(nn.Module):
 
     # ----- one batch -----------------------------------------------------------------------------
 
-    def step(self, inputs: Any = None, targets: Any = None) -> Optional[float]:
+    def step(self, inputs: Any = None, targets: Any = None, *, scaler: Optional[Any] = None) -> Optional[float]:
         """Run one batch through the schedule (forward and backward of every micro-batch; with
         ``data_parallel`` the gradients are then averaged over the replicas); the batch's mean loss
         on the last stage (over all replicas' batches), None elsewhere. Every rank calls it; only
         the first stage needs ``inputs`` and only the last ``targets``; each replica's ranks pass
-        that replica's batch."""
+        that replica's batch.
+
+        With ``scaler`` (a ``torch.amp.GradScaler``, the same settings on every rank) the loss is
+        scaled before backward and the usual ``scaler.unscale_(opt)``, ``scaler.step(opt)``,
+        ``scaler.update()`` follow; a non-finite gradient on any stage makes every stage's scaler
+        skip the step and lower its scale alike (one scalar all-reduce), so the stages never drift
+        apart."""
         if self._broken:
             raise RuntimeError(self._broken)
         specs = list(self._specs)
@@ -213,14 +221,35 @@ class PipelineParallel(nn.Module):
             raise ValueError(problem or "another stage refused the batch (its error names why)")
         if flag[1].item():
             self._check_shapes(specs)
+        # scaler.scale() (not get_scale) also sets the scaler up on every rank, as backward of a
+        # scaled loss would in one process: its unscale_/step need that.
+        self._scale = 1.0 if scaler is None else float(scaler.scale(torch.ones((), device=self._device)))
         self._run(inputs, targets)
+        if scaler is not None:
+            self._agree_on_overflow()
         if not self.is_last:
             return None
-        loss = torch.tensor(sum(float(v.detach()) for v in self._losses) / len(self._losses), dtype=torch.float64)
+        mean = sum(float(v.detach()) for v in self._losses) / len(self._losses) / self._scale
+        loss = torch.tensor(mean, dtype=torch.float64)
         if self._dp_group is not None:
             dist.all_reduce(loss, group=self._dp_group)
             loss /= self.replicas
         return float(loss)
+
+    def _scaled_loss(self, outputs: Any, targets: Any) -> torch.Tensor:
+        loss = self._loss_fn(outputs, targets)
+        return loss if self._scale == 1.0 else loss * self._scale
+
+    def _agree_on_overflow(self) -> None:
+        """If any stage's gradients hold an inf or a NaN, put one into this stage's too, so that
+        every stage's GradScaler skips this step (each only inspects its own optimizer)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        bad = torch.zeros(1)
+        if grads:
+            bad[0] = float(not bool(torch.isfinite(nn.utils.get_total_norm(grads, norm_type=float("inf")))))
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() and grads and bool(torch.isfinite(grads[0]).all()):
+            grads[0].view(-1)[0] = float("inf")
 
     def _check_shapes(self, specs: list) -> None:
         blocks = {s: self.stage_blocks[s] for s in range(self.stages)}
