@@ -6,10 +6,13 @@ drift apart between the training forwards that broadcast them), and the sums are
 loss and each metric ``fn(outputs, targets)`` are weighted by batch rows, so the result is the
 mean over every example, whatever the batch boundaries and the number of ranks, and bitwise the same
 on every rank. Prediction keeps the data's order: the ranks' shards are gathered in rank order.
+Under the pipeline strategy a shard is a replica's (its ranks read the same batches), the stages run
+forward only (``PipelineParallel.eval_step``) and only the last stage's ranks hold outputs, so the
+other ranks add zeros to the sums and nothing to the gathered predictions.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,7 +26,7 @@ __all__ = ["evaluate", "predict"]
 
 def _batches(trainer: Any, data: Any, sharded: bool) -> Iterator[Any]:
     """This rank's batches of ``data`` on the model's device, in order."""
-    rank, world = (trainer.rank, trainer.world) if sharded else (0, 1)
+    rank, world = (trainer.shard_rank, trainer.shard_world) if sharded else (0, 1)
     if is_array_data(data):
         mine = shard(data, rank, world) if world > 1 else data
         if num_rows(mine) == 0:
@@ -60,6 +63,22 @@ def _as_number(value: Any, name: str, device: torch.device) -> torch.Tensor:
     raise TypeError(f"metric {name!r} must return a float or a one-element tensor, got {type(value).__name__}")
 
 
+def _score(trainer: Any, model: Any, batch: Any, names: list) -> Optional[tuple]:
+    """(outputs, targets, loss) of one batch (outputs and targets None when only compute_loss is
+    needed); None on a pipeline rank that does not hold the last stage."""
+    if trainer.strategy == "pipeline":
+        inputs, targets = _pair(batch, "strategy='pipeline'")
+        outputs, loss = model.eval_step(inputs, targets)
+        return None if outputs is None else (outputs, targets, torch.tensor(loss))
+    if names or trainer.compute_loss is None:
+        inputs, targets = _pair(batch, "metrics=" if names else "loss_fn")
+        outputs = model(inputs)
+        loss = (trainer.loss_fn(outputs, targets) if trainer.compute_loss is None
+                else trainer.compute_loss(model, batch))
+        return outputs, targets, loss
+    return None, None, trainer.compute_loss(model, batch)
+
+
 def evaluate(trainer: Any, data: Any, metrics: Mapping[str, Callable]) -> dict:
     """``{"loss": mean loss, name: mean of fn(outputs, targets), ...}`` over every example of
     ``data`` (every rank's shard), in eval mode, without gradients, in the Trainer's precision.
@@ -74,16 +93,13 @@ def evaluate(trainer: Any, data: Any, metrics: Mapping[str, Callable]) -> dict:
         with torch.no_grad(), trainer.stepper.autocast():
             for batch in _batches(trainer, data, sharded=True):
                 n = batch_rows(batch)
-                if names or trainer.compute_loss is None:
-                    inputs, targets = _pair(batch, "metrics=" if names else "loss_fn")
-                    outputs = model(inputs)
-                    loss = (trainer.loss_fn(outputs, targets) if trainer.compute_loss is None
-                            else trainer.compute_loss(model, batch))
-                    for i, name in enumerate(names):
-                        sums[1 + i] += _as_number(metrics[name](outputs, targets), name, trainer.device) * n
-                else:
-                    loss = trainer.compute_loss(model, batch)
-                sums[0] += loss.detach().to(torch.float64) * n
+                scored = _score(trainer, model, batch, names)
+                if scored is None:
+                    continue
+                outputs, targets, loss = scored
+                for i, name in enumerate(names):
+                    sums[1 + i] += _as_number(metrics[name](outputs, targets), name, trainer.device) * n
+                sums[0] += loss.detach().to(device=trainer.device, dtype=torch.float64) * n
                 sums[-1] += n
     finally:
         model.train(was)
@@ -111,7 +127,8 @@ def predict(trainer: Any, data: Any) -> Any:
     batch's outputs. Array data is split over the ranks and gathered; an iterable is run whole on
     every rank. Every rank gets the whole result."""
     sharded = trainer.world > 1 and is_array_data(data)
-    if trainer.world > 1:
+    pipeline = trainer.strategy == "pipeline"
+    if trainer.world > 1 and not pipeline:
         _sync_buffers(trainer)
     model = trainer.model
     outputs = []
@@ -120,10 +137,14 @@ def predict(trainer: Any, data: Any) -> Any:
     try:
         with torch.no_grad(), trainer.stepper.autocast():
             for batch in _batches(trainer, data, sharded=sharded):
-                outputs.append(to_device(model(_inputs(batch)), torch.device("cpu")))
+                out = model.eval_step(_inputs(batch))[0] if pipeline else model(_inputs(batch))
+                if out is not None:
+                    outputs.append(to_device(out, torch.device("cpu")))
     finally:
         model.train(was)
-    if sharded:
+    if pipeline and not (sharded or model.replica == 0):
+        outputs = []  # every replica ran the whole data: one copy is enough
+    if sharded or (pipeline and trainer.world > 1):
         parts: list = [None] * trainer.world
         dist.all_gather_object(parts, outputs)
         outputs = [o for part in parts for o in part]

@@ -21,7 +21,7 @@ from ._train_data import is_array_data, num_rows
 from .checkpoint import VirtualEpochs
 from .distributed import init_from_env, shutdown
 
-__all__ = ["Stateful", "check_data", "check_metrics", "check_monitor", "default_plan", "join_torchrun", "split_batch"]
+__all__ = ["first_line", "one_line", "Stateful", "check_data", "check_metrics", "check_monitor", "default_plan", "join_torchrun", "split_batch"]
 
 _failed = False  # an exception reached the top level: leave the job without a barrier
 
@@ -154,3 +154,15 @@ class Stateful:
 
     def load_state_dict(self, state: dict) -> None:
         self._put(state)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of ``e``'s message (its type name when the message is empty): what the
+    one-line error reports of the Trainer and the command line show."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def one_line(e: BaseException) -> str:
+    """``e``'s whole message on one line (torch's state-dict errors list the keys on later lines)."""
+    return " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip()) or type(e).__name__

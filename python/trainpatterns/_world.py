@@ -36,3 +36,13 @@ def any_rank(flag: bool, world: int, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def mean_over_ranks(total: torch.Tensor, count: int, world: int) -> float:
+    """``sum(total) / sum(count)`` over the ranks (``total`` a float64 0-d tensor on the device of
+    the collectives); every rank must call it."""
+    if world == 1:
+        return float(total) / count
+    both = torch.stack([total, total.new_tensor(float(count))])
+    dist.all_reduce(both)
+    return float(both[0]) / float(both[1])

@@ -37,7 +37,8 @@ from .optim import FusedAdamW
 from .overfit import overfit_check
 from .pendulum import DEFAULTS, Job, UsageError, pendulum_data
 from ._world import agree
-from .train import Trainer, _first_line
+from ._train_setup import first_line
+from .train import Trainer
 from .tuning.cli import register as _register_tune
 
 __all__ = ["DEFAULTS", "Job", "UsageError", "build_parser", "main", "pendulum_data"]
@@ -424,7 +425,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"trainpatterns {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # the library's clear errors (a checkpoint for another model, bad shapes)
-        print(f"trainpatterns {args.command}: error: {_first_line(e)}", file=sys.stderr)
+        print(f"trainpatterns {args.command}: error: {first_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -21,25 +21,28 @@ Distributed (torchrun): with ``WORLD_SIZE > 1`` the Trainer joins the job itself
 in :class:`~trainpatterns.distributed.SyncDataParallel`, gives each rank its contiguous shard of
 array data, and makes every decision once: the metrics of a virtual epoch are reduced over the ranks
 and rank 0's record is the one every rank acts on (best checkpoint, schedulers, callbacks), and the
-run stops when any rank's callbacks ask. Only rank 0 speaks and writes ``metrics.jsonl``.
+run stops when any rank's callbacks ask. Only rank 0 speaks and writes ``metrics.jsonl``. The
+other strategies (parameter servers, pipeline stages) keep this loop and swap its step.
 """
 from __future__ import annotations
 
 import math
 import os
 import time
+import warnings
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from . import _metrics_log, _schedule, _train_async, _train_eval
+from . import _metrics_log, _schedule, _train_async, _train_eval, _train_pipeline
 from ._train_data import is_array_data, num_rows, shard
 from ._train_progress import Progress, Speaker, summary
-from ._train_setup import Stateful, check_data, check_metrics, check_monitor, default_plan, join_torchrun, split_batch
+from ._train_setup import (Stateful, check_data, check_metrics, check_monitor, default_plan, join_torchrun,
+                           one_line, split_batch)
 from ._train_step import Stepper, finish_interpolation
 from ._tree import to_device
-from ._world import agree, any_rank, rank_and_world
+from ._world import agree, any_rank, mean_over_ranks, rank_and_world
 from .callbacks import Callback, EarlyStopping, callback_states, load_callback_states
 from .checkpoint import CheckpointError, CheckpointManager
 from .data import PrefetchLoader
@@ -51,18 +54,6 @@ __all__ = ["Trainer"]
 
 _RECORD_KEYS = ("epoch", "step", "train_loss", "val_loss", "max_error", "lr", "samples_per_s", "time_s",
                 "elapsed_s", "best")
-
-
-def _first_line(e: BaseException) -> str:
-    """The first line of ``e``'s message (its type name when the message is empty): what the
-    one-line error reports of the Trainer and the command line show."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _one_line(e: BaseException) -> str:
-    """``e``'s whole message on one line (torch's state-dict errors list the keys on later lines)."""
-    return " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip()) or type(e).__name__
 
 
 class Trainer:
@@ -109,9 +100,9 @@ class Trainer:
         progress: show the tqdm bar and print the summary lines (rank 0); False: log them at INFO.
         seed: the loader's shuffling seed.  num_threads: the loader's gather threads.
         async_save: write checkpoints in the background.
-        strategy: under torchrun, ``"sync"`` (SyncDataParallel, the default) or ``"async"``
-            (AsyncDataParallel: parameter servers, ``async_options`` its arguments; see
-            :mod:`trainpatterns._train_async`).
+        strategy: under torchrun, ``"sync"`` (SyncDataParallel, the default), ``"async"`` (parameter
+            servers, ``async_options``: :mod:`._train_async`) or ``"pipeline"`` (an ``nn.Sequential``
+            in stages, ``pipeline_options``: :mod:`._train_pipeline`).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Optional[Callable], optimizer: Optional[torch.optim.Optimizer],
@@ -123,7 +114,7 @@ class Trainer:
                  interpolation: bool = False, interpolation_finish: Union[bool, Mapping] = True, keep_last: int = 3, keep_best: int = 1, resume: bool = True,
                  rescale_schedule: bool = False, progress: bool = True, seed: int = 0,
                  num_threads: Optional[int] = None, async_save: bool = True, strategy: str = "sync",
-                 async_options: Optional[Mapping] = None) -> None:
+                 async_options: Optional[Mapping] = None, pipeline_options: Optional[Mapping] = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if loss_fn is None and compute_loss is None:
@@ -153,8 +144,11 @@ class Trainer:
         ref = next(model.parameters(), None)
         self.device = ref.device if ref is not None else torch.device("cpu")
 
-        if strategy not in ("sync", "async"):
-            raise ValueError(f"strategy must be 'sync' or 'async', got {strategy!r}")
+        if strategy not in ("sync", "async", "pipeline"):
+            raise ValueError(f"strategy must be 'sync', 'async' or 'pipeline', got {strategy!r}")
+        if strategy == "pipeline":
+            pipeline_options = _train_pipeline.check(pipeline_options, scheduler, accumulate, compute_loss,
+                                                     interpolation)
         if strategy == "async" and scheduler is not None:
             raise ValueError("strategy='async': the servers step the scheduler; pass async_options="
                              "{'scheduler': lambda optimizer: ...} instead of scheduler=")
@@ -168,6 +162,9 @@ class Trainer:
             joined = join_torchrun(self.device)
             self.rank, self.world = rank_and_world()
             part, parts = self.rank, self.world
+            if strategy == "pipeline":  # the ranks of one pipeline read the same batches
+                part, parts = _train_pipeline.place(pipeline_options, self.rank, self.world)
+        self.shard_rank, self.shard_world = (part, parts) if strategy == "pipeline" else (self.rank, self.world)
         self.say = Speaker(self.rank, self.progress)
         if joined:
             self.say(joined)
@@ -178,8 +175,8 @@ class Trainer:
             disable_regularization(model, optimizer)
         self._array_train = check_data(train_data, val_data)
         self.batch_size, self.global_batch_size = split_batch(
-            batch_size, global_batch_size, plan.batch_size if plan is not None else None, self.world,
-            accumulate)
+            batch_size, global_batch_size, plan.batch_size if plan is not None else None,
+            parts if strategy == "pipeline" else self.world, accumulate)
         self.plan = plan if plan is not None else default_plan(train_data, self._array_train, self.global_batch_size)
         self.monitor, self.mode = check_monitor(monitor, mode, val_data is not None, self.metrics, self.interpolation)
         self.train_data = train_data
@@ -198,14 +195,22 @@ class Trainer:
         if strategy == "async":
             self.model, stepped = _train_async.wrap(model, optimizer, self.plan.total_steps, self.checkpoint_dir,
                                                     self.plan.steps_per_epoch, async_options)
+        elif strategy == "pipeline":
+            self.model, self.optimizer, self.scheduler = _train_pipeline.wrap(model, loss_fn, optimizer, pipeline_options)
+            self.module = self.model  # what checkpoints hold: this rank's stage
         else:
             self.model = SyncDataParallel(model) if self.world > 1 else model
-        self.stepper = Stepper(self.model, stepped, self._loss, self.device, precision, accumulate)
+        if strategy == "pipeline":
+            self.stepper = _train_pipeline.PipelineStepper(self.model, self.optimizer, self.device, precision,
+                                                           getattr(optimizer, "max_grad_norm", None))
+        else:
+            self.stepper = Stepper(self.model, stepped, self._loss, self.device, precision, accumulate)
         self.manager = None
-        if self.checkpoint_dir is not None and strategy == "sync":
+        if self.checkpoint_dir is not None and strategy != "async":
             self.manager = CheckpointManager(self.checkpoint_dir, keep_last=keep_last, keep_best=keep_best,
                                              metric=self.monitor, mode=self.mode, weights_key="model",
-                                             async_save=async_save, per_rank=["loader"])
+                                             async_save=async_save,
+                                             per_rank=_train_pipeline.PER_RANK if strategy == "pipeline" else ["loader"])
 
     # ----- setup helpers -------------------------------------------------------------------------
 
@@ -272,10 +277,10 @@ class Trainer:
         try:
             step = self.manager.restore(self._state())
         except CheckpointError as e:
-            raise ValueError(f"cannot resume from {self.checkpoint_dir}: {_one_line(e)}") from e
+            raise ValueError(f"cannot resume from {self.checkpoint_dir}: {one_line(e)}") from e
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise ValueError(f"checkpoint directory {self.checkpoint_dir} does not fit this model/optimizer: "
-                             f"{_one_line(e)}") from e
+                             f"{one_line(e)}") from e
         if step is not None:
             self._tidy_metrics(step)
             self.say(f"resumed from step {step} ({self.manager.restored_from})")
@@ -323,7 +328,7 @@ class Trainer:
                     bar.step(count, len(vepoch) == 0, float(total) / count, rows, t0, vepoch.index)
                 if count == 0:
                     continue
-                bar.last = self._end_epoch(vepoch.index, self._mean_over_ranks(total, count), rows,
+                bar.last = self._end_epoch(vepoch.index, mean_over_ranks(total, count, self.world), rows,
                                            time.perf_counter() - t0, plateau)
                 if self.stop_training:
                     break
@@ -360,14 +365,6 @@ class Trainer:
     def _better(self, value: float, best: float) -> bool:
         return value < best if self.mode == "min" else value > best
 
-    def _mean_over_ranks(self, total: torch.Tensor, count: int) -> float:
-        """The virtual epoch's mean training loss over every rank's steps."""
-        if self.world == 1:
-            return float(total) / count
-        both = torch.stack([total, total.new_tensor(float(count))])  # float64, on the model's device
-        torch.distributed.all_reduce(both)
-        return float(both[0]) / float(both[1])
-
     def _epoch_metrics(self, index: int, train_loss: float, rows: int, elapsed: float) -> dict:
         metrics = {"epoch": index + 1, "step": self.step, "train_loss": train_loss}
         training = elapsed  # the optimizer steps' time; the finish adds to the epoch's time, not the rate
@@ -382,7 +379,7 @@ class Trainer:
             metrics.update(scores)
         if self.interpolation:
             metrics["max_error"] = self._train_max_error()
-        if self.strategy == "sync":  # under "async" the servers' optimizers hold the LR
+        if self.strategy != "async":  # under "async" the servers' optimizers hold the LR
             metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
         metrics["samples_per_s"] = rows * self.world / max(training, 1e-9)
         metrics["time_s"] = elapsed
@@ -444,5 +441,10 @@ class Trainer:
         self.manager.wait()
         if not [i for i in self.manager.list() if i.valid]:
             return None
-        self.manager.load_weights(self.module, "best", key="model")
+        if self.strategy == "pipeline":  # each rank's stage is a per-rank entry of the checkpoint
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the other entries stay as they are
+                self.manager.restore({"model": self.module}, "best")
+        else:
+            self.manager.load_weights(self.module, "best", key="model")
         return self.best["step"] if self.best else None

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..checkpoint._format import write_safetensors
 from . import _pipeline_checks as checks
+from ._pipeline_eval import forward_only
 from ._pipeline_split import BALANCES, block_costs, cut
 from .sync import SyncDataParallel
 
@@ -65,7 +66,7 @@ class PipelineParallel(nn.Module):
         bucket_mb: gradient bucket size of the data-parallel all-reduce.
 
     Attributes: ``stage`` (the first stage this rank holds), ``stage_ids`` (all of them),
-    ``is_first``/``is_last``, ``replica``, ``stage_blocks`` (block names of every stage),
+    ``is_first``/``is_last``, ``replica``, ``ranks_per_pipeline``, ``stage_blocks`` (block names of every stage),
     ``stage_costs`` (each stage's cost, in ``cost_unit``: ``"bytes"`` or ``"seconds"``).
     """
 
@@ -91,6 +92,7 @@ class PipelineParallel(nn.Module):
             raise ValueError(f"data_parallel={self.replicas} does not divide the job's {world} ranks")
         width = world // self.replicas  # ranks per pipeline
         self.replica, self._index = divmod(self.rank, width)
+        self.ranks_per_pipeline = width
         self.stages = (width * (2 if schedule == "interleaved" else 1)) if stages is None else stages
         if schedule == "interleaved":
             if isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages % width:
@@ -294,6 +296,20 @@ class PipelineParallel(nn.Module):
         with contextlib.suppress(Exception):
             dist.destroy_process_group(self._group)
         raise RuntimeError(self._broken) from e
+
+    def eval_step(self, inputs: Any = None, targets: Any = None) -> tuple[Optional[Any], Optional[float]]:
+        """Forward only, without gradients, the whole batch at once (it need not split into
+        micro-batches): ``(outputs, mean loss)`` on the last stage (the loss None without
+        ``targets``), ``(None, None)`` elsewhere. Every rank of this replica's pipeline calls it;
+        the replicas are independent (each evaluates its own batches)."""
+        return forward_only(self, inputs, targets)
+
+    def share_from_last(self, value: Optional[float]) -> float:
+        """The last stage's ``value`` on every rank of this replica's pipeline (one broadcast;
+        the other ranks pass anything, e.g. None)."""
+        t = torch.tensor([float(value) if self.is_last else 0.0], dtype=torch.float64)
+        dist.broadcast(t, src=self._pipeline_ranks[-1], group=self._group)
+        return float(t)
 
     # ----- after the step ------------------------------------------------------------------------
 
