@@ -144,12 +144,13 @@ def test_grid_covers_every_point_once_and_resumes(tmp_path):
 
 def test_grid_rejects_values_and_names_outside_the_objective():
     s = create_study(sampler=GridSampler({"x": [0.5, 2.0]}))
-    s.optimize(lambda t: t.suggest_float("x", 0.0, 1.0), n_trials=2)
+    s.optimize(lambda t: t.suggest_float("x", 0.0, 1.0), n_trials=2, catch=ValueError)
     failed = [t for t in s.trials if t.state is TrialState.FAILED]
     assert len(failed) == 1 and "outside" in failed[0].fail_reason
     s = create_study(sampler=GridSampler({"x": [0.5]}))
-    s.optimize(lambda t: t.suggest_float("x", 0.0, 1.0) + t.suggest_float("y", 0.0, 1.0))
-    assert "not in the grid" in s.trials[0].fail_reason
+    with pytest.raises(ValueError, match="not in the grid"):  # catch=() by default: the study stops
+        s.optimize(lambda t: t.suggest_float("x", 0.0, 1.0) + t.suggest_float("y", 0.0, 1.0))
+    assert "not in the grid" in s.trials[0].fail_reason and s.trials[0].state is TrialState.FAILED
 
 
 # ----- GP maths against references ------------------------------------------------------------------
@@ -478,7 +479,7 @@ def test_asha_inline_prunes_exactly_as_the_schedule_says():
 
     def objective(trial):
         for step in range(1, steps + 1):
-            trial.report(step, _curve(trial.number, step))
+            trial.report(_curve(trial.number, step), step)
             if trial.should_prune():
                 raise TrialPruned()
         return _curve(trial.number, steps)
@@ -501,7 +502,7 @@ def test_asha_pause_mode_promotes_top_third_and_resumes_from_checkpoint():
         start = int(ckpt.read_text()) if ckpt.exists() else 0
         starts.append((trial.number, trial.attempt, start))
         for step in range(start + 1, steps + 1):
-            trial.report(step, _curve(trial.number, step))
+            trial.report(_curve(trial.number, step), step)
             ckpt.write_text(str(step))
             if trial.should_prune():
                 raise TrialPruned()
@@ -553,7 +554,7 @@ def test_failures_are_recorded_and_the_study_goes_on():
         return x
 
     s = create_study(sampler=RandomSampler(seed=0))
-    s.optimize(objective, n_trials=8)
+    s.optimize(objective, n_trials=8, catch=(RuntimeError, ValueError))
     st = {t.number: t for t in s.trials}
     assert [st[n].state for n in range(8)] == [TrialState.COMPLETE, TrialState.FAILED, TrialState.FAILED,
                                                TrialState.FAILED, TrialState.COMPLETE, TrialState.FAILED,
@@ -570,6 +571,58 @@ def test_failures_are_recorded_and_the_study_goes_on():
     with pytest.raises(KeyError, match="not caught"):
         s.optimize(raises, n_trials=3, catch=(ValueError,))
     assert len(s.trials) == 1 and "not caught" in s.trials[0].fail_reason
+
+
+def test_catch_defaults_to_nothing_as_in_optuna():
+    # Reference: the same objective in a real Optuna study; the exception propagates from both after
+    # the failing trial is stored FAIL(ED), with the same trials before it, and catch= lets both go on.
+    optuna = pytest.importorskip("optuna")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+    def objective(trial):
+        x = trial.suggest_float("x", 0.0, 1.0)
+        if trial.number == 2:
+            raise ZeroDivisionError("trial 2")
+        return x
+
+    ours, theirs = create_study(sampler=RandomSampler(seed=0)), optuna.create_study()
+    for study in (ours, theirs):
+        with pytest.raises(ZeroDivisionError, match="trial 2"):
+            study.optimize(objective, n_trials=5)
+    assert [t.state.name for t in ours.trials] == ["COMPLETE", "COMPLETE", "FAILED"]
+    assert [t.state.name for t in theirs.trials] == ["COMPLETE", "COMPLETE", "FAIL"]
+    assert ours.trials[2].fail_reason == "ZeroDivisionError: trial 2"
+    for study in (ours, theirs):
+        study.optimize(objective, n_trials=3, catch=(ZeroDivisionError,))  # trial 2 already done: 3..5 run
+    assert [t.state.name for t in ours.trials][3:] == [t.state.name for t in theirs.trials][3:] == ["COMPLETE"] * 3
+    for bad in ("ValueError", (ValueError, 3)):
+        with pytest.raises(TypeError, match="catch must be an exception class"):
+            ours.optimize(objective, n_trials=1, catch=bad)
+
+
+def test_an_uncaught_exception_stops_every_thread_worker():
+    # Three threads; trial 1 raises. The study stops: the other workers finish the trial they are
+    # running and start no other, so far fewer than n_trials trials exist, none left RUNNING.
+    import threading
+    import time
+
+    gate = threading.Event()
+
+    def objective(trial):
+        if trial.number == 1:
+            gate.wait(5)
+            raise OSError("disk gone")
+        gate.set()
+        time.sleep(0.05)
+        return trial.suggest_float("x", 0.0, 1.0)
+
+    s = create_study(sampler=RandomSampler(seed=0))
+    with pytest.raises(OSError, match="disk gone"):
+        s.optimize(objective, n_trials=40, n_jobs=3, backend="thread")
+    trials = s.trials
+    assert len(trials) < 10
+    assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.FAILED}
+    assert [t.number for t in trials if t.state is TrialState.FAILED] == [1]
 
 
 def test_study_errors_and_report_argument_order(tmp_path):
@@ -589,10 +642,34 @@ def test_study_errors_and_report_argument_order(tmp_path):
         create_study(sampler=RandomSampler()).optimize(branin, n_trials=2, n_jobs=2)
     s = create_study(sampler=RandomSampler())
     t = s.ask()
-    with pytest.raises(TypeError, match="step first"):
-        t.report(0.37, 5)
-    t.report(5, 0.37)
-    assert t.intermediate_values == {5: 0.37}
+    t.report(0.37, 5)
+    t.report(value=0.5, step=np.int64(7))
+    t.report(step=torch.tensor(9), value=torch.tensor(0.25))
+    assert t.intermediate_values == {5: 0.37, 7: 0.5, 9: 0.25}
+    assert all(type(k) is int and type(v) is float for k, v in t.intermediate_values.items())
+    assert s.storage.get_trial(s._study_id, t.number).intermediate_values == {5: 0.37, 7: 0.5, 9: 0.25}
+
+
+@pytest.mark.parametrize("args, error, msg", [
+    ((5, 0.37), TypeError, "step must be an int.*value first, then step"),   # the old order, a float loss
+    ((5, 3.0), TypeError, "step must be an int"),                            # ... even a whole-number one
+    ((0.3, -1), ValueError, "step must be >= 0"),
+    ((0.3, True), TypeError, "step must be an int"),
+    ((0.3, "4"), TypeError, "step must be an int"),
+    ((float("nan"), 4), ValueError, "value must be finite"),
+    ((float("-inf"), 4), ValueError, "value must be finite"),
+    (("0.3", 4), TypeError, "value must be a number"),
+    (([0.3], 4), TypeError, "value must be a number"),
+    ((None, 4), TypeError, "value must be a number"),
+])
+def test_report_refuses_bad_arguments_naming_them(args, error, msg):
+    s = create_study(sampler=RandomSampler())
+    t = s.ask()
+    t.report(1.5, 2)
+    with pytest.raises(error, match=msg):
+        t.report(*args)
+    assert t.intermediate_values == {2: 1.5}  # nothing recorded by a refused call
+    assert s.storage.get_trial(s._study_id, t.number).intermediate_values == {2: 1.5}
 
 
 def test_enqueue_and_user_attrs_and_thread_backend():
@@ -669,7 +746,8 @@ class _FakeTrial:
 
     suggest_int = suggest_categorical = suggest_float
 
-    def report(self, step, value):
+    def report(self, value, step):
+        assert isinstance(step, int) and isinstance(value, float), (value, step)
         self.reports[step] = value
         if step == self.kill_at:
             raise _Killed()

@@ -1,6 +1,7 @@
 """Multi-process tests of trainpatterns.tuning: a study killed with SIGKILL resumes with no trial lost
-or duplicated, two processes share one study (random and grid), n_jobs worker processes, and
-`trainpatterns tune` killed mid-trial resumes that trial from its checkpoint.
+or duplicated, two processes share one study (random and grid), n_jobs worker processes (and how an
+exception in one stops them all), and `trainpatterns tune` killed mid-trial resumes that trial from
+its checkpoint.
 
 Workers are separate Python processes running a small script on one SQLite file; every wait has a
 deadline, and leftover processes are killed, so a broken claim protocol fails the test, never hangs.
@@ -173,6 +174,54 @@ def test_n_jobs_worker_processes(tmp_path):
     assert [t.number for t in trials] == list(range(6))  # n_trials counts this call over all workers
     assert all(t.state is TrialState.COMPLETE for t in trials)
     assert os.getpid() not in {t.user_attrs["pid"] for t in trials}
+
+
+class FlakyDisk(Exception):
+    """A picklable exception of this module (the parent unpickles it by reference)."""
+
+
+class Unpicklable(Exception):
+    """Its __init__ takes two arguments but Exception pickles only the message: unpickling fails."""
+
+    def __init__(self, what: str, code: int) -> None:
+        super().__init__(f"{what} ({code})")
+
+
+def raising_objective(trial) -> float:
+    """Top-level objective for n_jobs worker processes: trial 1 raises, the others take 0.2 s."""
+    x = trial.suggest_float("x", -1.0, 1.0)
+    if trial.number == 1:
+        if trial.study.study_name == "unpicklable":
+            raise Unpicklable("bad sector", 7)
+        raise FlakyDisk("disk gone in trial 1")
+    time.sleep(0.2)
+    return x
+
+
+@pytest.mark.timeout(240)
+def test_an_uncaught_exception_in_a_worker_process_stops_the_study(tmp_path):
+    # catch=() (the default): the failing trial is stored FAILED, the other worker finishes its trial
+    # and starts no other, and optimize raises the worker's exception, with its traceback as cause.
+    from trainpatterns.tuning.workers import WorkerTraceback
+
+    s = create_study(storage=tmp_path / "stop.db", study_name="stop", sampler=RandomSampler(seed=2))
+    with pytest.raises(FlakyDisk, match="disk gone in trial 1") as e:
+        s.optimize(raising_objective, n_trials=40, n_jobs=2)
+    assert isinstance(e.value.__cause__, WorkerTraceback)
+    assert "Traceback" in str(e.value.__cause__) and "raising_objective" in str(e.value.__cause__)
+    trials = s.trials
+    assert len(trials) < 8, len(trials)
+    assert [t.number for t in trials if t.state is TrialState.FAILED] == [1]
+    assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.FAILED}
+    assert trials[1].fail_reason == "FlakyDisk: disk gone in trial 1"
+    # With the type in catch the study goes on to its budget, as with one worker.
+    s.optimize(raising_objective, n_trials=4, n_jobs=2, catch=(FlakyDisk,))
+    assert len(s.trials) == len(trials) + 4
+    # An exception that cannot travel back pickled arrives as a RuntimeError carrying its traceback.
+    u = create_study(storage=tmp_path / "stop.db", study_name="unpicklable", sampler=RandomSampler(seed=2))
+    with pytest.raises(RuntimeError, match=r"cannot be sent back(.|\n)*Unpicklable: bad sector \(7\)"):
+        u.optimize(raising_objective, n_trials=40, n_jobs=2)
+    assert len(u.trials) < 8 and u.trials[1].state is TrialState.FAILED
 
 
 @pytest.mark.timeout(240)

@@ -20,7 +20,8 @@ server database (PostgreSQL: ``SELECT ... FOR UPDATE SKIP LOCKED``) shared by th
 path; SQLite over a network file system is not safe and is not supported.
 
 Rows store parameters as their external values (JSON), distributions as JSON, intermediate values
-as a JSON object ``{step: value}``.
+as a JSON object ``{step: value}``. The tables (``tp_studies``, ``tp_trials``) and the read-only
+check that refuses a file holding anyone else's tables are in ``sqlite_schema``.
 """
 from __future__ import annotations
 
@@ -38,38 +39,10 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
 from .space import distribution_from_json
+from .sqlite_schema import SCHEMA, inspect_file, migrate_unprefixed
 from .trial import FrozenTrial, TrialState
 
 __all__ = ["SQLiteStorage", "parse_storage"]
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS studies (
-    study_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    name TEXT NOT NULL UNIQUE,
-    direction TEXT NOT NULL,
-    created REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS trials (
-    study_id INTEGER NOT NULL REFERENCES studies(study_id),
-    number INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    value REAL,
-    params TEXT NOT NULL DEFAULT '{}',
-    distributions TEXT NOT NULL DEFAULT '{}',
-    intermediate TEXT NOT NULL DEFAULT '{}',
-    user_attrs TEXT NOT NULL DEFAULT '{}',
-    system_attrs TEXT NOT NULL DEFAULT '{}',
-    owner TEXT,
-    heartbeat REAL,
-    run_id TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    datetime_start REAL,
-    datetime_complete REAL,
-    PRIMARY KEY (study_id, number)
-);
-CREATE INDEX IF NOT EXISTS trials_state ON trials(study_id, state);
-"""
-
 
 def _proc_start_time(pid: int) -> str:
     """The process start time in clock ticks since boot (Linux /proc), "" where unavailable."""
@@ -144,15 +117,19 @@ class SQLiteStorage:
         self._local = threading.local()
         self._lock = threading.RLock()
         self._memory_conn: Optional[sqlite3.Connection] = None
+        unprefixed = False
         if self.path is not None:
             try:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise ValueError(f"storage {self.path}: cannot create its directory ({e.strerror or e})") from None
+            unprefixed = inspect_file(self.path)  # before any write: a foreign file is refused untouched
         with self._lock:
             try:
-                self._conn().executescript(_SCHEMA)
-            except sqlite3.DatabaseError as e:  # not SQLite (a text file), a directory, unreadable
+                if unprefixed:
+                    migrate_unprefixed(self._conn())
+                self._conn().executescript(SCHEMA)
+            except sqlite3.DatabaseError as e:  # a file replaced or damaged since it was inspected
                 self._close_thread_conn()
                 raise ValueError(f"storage {self.path}: cannot open it as an SQLite database ({e})") from None
 
@@ -214,7 +191,7 @@ class SQLiteStorage:
 
     def create_study(self, name: str, direction: str, load_if_exists: bool) -> int:
         with self._tx() as c:
-            row = c.execute("SELECT study_id, direction FROM studies WHERE name = ?", (name,)).fetchone()
+            row = c.execute("SELECT study_id, direction FROM tp_studies WHERE name = ?", (name,)).fetchone()
             if row is not None:
                 if not load_if_exists:
                     raise ValueError(f"study {name!r} already exists in {self.path or 'memory'}; "
@@ -222,25 +199,25 @@ class SQLiteStorage:
                 if row[1] != direction:
                     raise ValueError(f"study {name!r} exists with direction {row[1]!r}, not {direction!r}")
                 return int(row[0])
-            cur = c.execute("INSERT INTO studies (name, direction, created) VALUES (?, ?, ?)",
+            cur = c.execute("INSERT INTO tp_studies (name, direction, created) VALUES (?, ?, ?)",
                             (name, direction, time.time()))
             return int(cur.lastrowid)
 
     def get_study(self, name: str) -> tuple[int, str]:
-        rows = self._read("SELECT study_id, direction FROM studies WHERE name = ?", (name,))
+        rows = self._read("SELECT study_id, direction FROM tp_studies WHERE name = ?", (name,))
         if not rows:
             raise KeyError(f"no study named {name!r} in {self.path or 'memory'} "
                            f"(studies: {self.study_names()})")
         return int(rows[0][0]), rows[0][1]
 
     def study_names(self) -> list[str]:
-        return [r[0] for r in self._read("SELECT name FROM studies ORDER BY study_id")]
+        return [r[0] for r in self._read("SELECT name FROM tp_studies ORDER BY study_id")]
 
     # ----- claiming --------------------------------------------------------------------------------
 
     def _recover_dead(self, c: sqlite3.Connection, study_id: int, max_retries: int) -> None:
         now = time.time()
-        rows = c.execute("SELECT number, owner, heartbeat, attempts, system_attrs FROM trials "
+        rows = c.execute("SELECT number, owner, heartbeat, attempts, system_attrs FROM tp_trials "
                          "WHERE study_id = ? AND state = 'RUNNING'", (study_id,)).fetchall()
         for number, owner, heartbeat, attempts, sys_json in rows:
             if owner and _owner_alive(owner, heartbeat, now, self.heartbeat_grace_s):
@@ -250,10 +227,11 @@ class SQLiteStorage:
             sys_attrs.setdefault("interruptions", []).append(why)
             if attempts >= max_retries:
                 sys_attrs["fail_reason"] = f"{why}; gave up after {attempts} attempts (max_retries={max_retries})"
-                c.execute("UPDATE trials SET state = 'FAILED', system_attrs = ?, datetime_complete = ?, owner = NULL "
+                c.execute("UPDATE tp_trials SET state = 'FAILED', system_attrs = ?, datetime_complete = ?, "
+                          "owner = NULL "
                           "WHERE study_id = ? AND number = ?", (json.dumps(sys_attrs), now, study_id, number))
             else:
-                c.execute("UPDATE trials SET state = 'WAITING', system_attrs = ?, owner = NULL "
+                c.execute("UPDATE tp_trials SET state = 'WAITING', system_attrs = ?, owner = NULL "
                           "WHERE study_id = ? AND number = ?", (json.dumps(sys_attrs), study_id, number))
 
     def claim_trial(self, study_id: int, *, run_id: str, owner: str, max_in_run: Optional[int],
@@ -270,22 +248,24 @@ class SQLiteStorage:
         with self._tx() as c:
             self._recover_dead(c, study_id, max_retries)
             now = time.time()
-            row = c.execute("SELECT number FROM trials WHERE study_id = ? AND state = 'WAITING' "
+            row = c.execute("SELECT number FROM tp_trials WHERE study_id = ? AND state = 'WAITING' "
                             "ORDER BY number LIMIT 1", (study_id,)).fetchone()
             if row is None and promote_locked is not None:
                 number = promote_locked(self._trials(c, study_id))
                 row = None if number is None else (number,)
             if row is not None:
-                c.execute("UPDATE trials SET state = 'RUNNING', owner = ?, heartbeat = ?, run_id = ?, "
-                          "attempts = attempts + 1, datetime_start = COALESCE(datetime_start, ?), value = NULL "
+                c.execute("UPDATE tp_trials SET state = 'RUNNING', owner = ?, heartbeat = ?, run_id = ?, "
+                          "attempts = attempts + 1, datetime_start = COALESCE(datetime_start, ?), value = NULL, "
+                          "datetime_complete = NULL "
                           "WHERE study_id = ? AND number = ?", (owner, now, run_id, now, study_id, row[0]))
                 return self._trials(c, study_id, number=row[0])[0]
             (n_total, next_number) = c.execute(
-                "SELECT COUNT(*), COALESCE(MAX(number) + 1, 0) FROM trials WHERE study_id = ?", (study_id,)).fetchone()
+                "SELECT COUNT(*), COALESCE(MAX(number) + 1, 0) FROM tp_trials WHERE study_id = ?",
+                (study_id,)).fetchone()
             if max_total is not None and n_total >= max_total:
                 return None
             if max_in_run is not None:
-                (n_run,) = c.execute("SELECT COUNT(*) FROM trials WHERE study_id = ? AND run_id = ?",
+                (n_run,) = c.execute("SELECT COUNT(*) FROM tp_trials WHERE study_id = ? AND run_id = ?",
                                      (study_id, run_id)).fetchone()
                 if n_run >= max_in_run:
                     return None
@@ -296,25 +276,45 @@ class SQLiteStorage:
                 sys_attrs = {"fixed_params": fixed}
             else:
                 sys_attrs = {}
-            c.execute("INSERT INTO trials (study_id, number, state, system_attrs, owner, heartbeat, run_id, attempts, "
-                      "datetime_start) VALUES (?, ?, 'RUNNING', ?, ?, ?, ?, 1, ?)",
+            c.execute("INSERT INTO tp_trials (study_id, number, state, system_attrs, owner, heartbeat, run_id, "
+                      "attempts, datetime_start) VALUES (?, ?, 'RUNNING', ?, ?, ?, ?, 1, ?)",
                       (study_id, next_number, json.dumps(sys_attrs), owner, now, run_id, now))
             return self._trials(c, study_id, number=next_number)[0]
 
-    def enqueue_trial(self, study_id: int, params: dict) -> int:
-        """Add a WAITING trial whose parameters are fixed to ``params`` (claimed before new ones)."""
+    def enqueue_trial(self, study_id: int, params: dict, user_attrs: dict,
+                      duplicate_of: Optional[Callable[[list], Optional[int]]] = None) -> int:
+        """Add a WAITING trial whose parameters are fixed to ``params`` (claimed before new ones) and
+        return its number; or, when ``duplicate_of(trials)`` (run inside the lock, so two processes
+        never both enqueue the same point) names an existing trial, that trial's number instead."""
         with self._tx() as c:
-            (number,) = c.execute("SELECT COALESCE(MAX(number) + 1, 0) FROM trials WHERE study_id = ?",
+            if duplicate_of is not None:
+                found = duplicate_of(self._trials(c, study_id))
+                if found is not None:
+                    return found
+            (number,) = c.execute("SELECT COALESCE(MAX(number) + 1, 0) FROM tp_trials WHERE study_id = ?",
                                   (study_id,)).fetchone()
-            c.execute("INSERT INTO trials (study_id, number, state, system_attrs) VALUES (?, ?, 'WAITING', ?)",
-                      (study_id, number, json.dumps({"fixed_params": params})))
+            c.execute("INSERT INTO tp_trials (study_id, number, state, system_attrs, user_attrs) "
+                      "VALUES (?, ?, 'WAITING', ?, ?)",
+                      (study_id, number, json.dumps({"fixed_params": params}), json.dumps(user_attrs)))
             return int(number)
+
+    def add_trials(self, study_id: int, trials: list) -> None:
+        """Store finished or imported ``FrozenTrial`` rows as they are, numbers included, in one
+        transaction. A RUNNING one has no owner here, so the next claim treats it as interrupted."""
+        rows = [(study_id, t.number, t.state.name, t.value, json.dumps(t.params),
+                 json.dumps({k: d.to_json() for k, d in t.distributions.items()}),
+                 json.dumps({str(k): v for k, v in t.intermediate_values.items()}), json.dumps(t.user_attrs),
+                 json.dumps(t.system_attrs), t.attempts, t.datetime_start, t.datetime_complete) for t in trials]
+        with self._tx() as c:
+            c.executemany("INSERT INTO tp_trials (study_id, number, state, value, params, distributions, intermediate, "
+                          "user_attrs, system_attrs, attempts, datetime_start, datetime_complete) "
+                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     # ----- updates from the running trial ------------------------------------------------------------
 
     def _update_running(self, study_id: int, number: int, owner: str, sets: str, args: tuple) -> None:
         with self._tx() as c:
-            cur = c.execute(f"UPDATE trials SET {sets} WHERE study_id = ? AND number = ? AND state = 'RUNNING' "
+            cur = c.execute(f"UPDATE tp_trials SET {sets} WHERE study_id = ? AND number = ? AND state = 'RUNNING' "
                             "AND owner = ?", args + (study_id, number, owner))
             if cur.rowcount != 1:
                 raise RuntimeError(f"trial {number} is no longer RUNNING under this process (it was recovered "
@@ -344,11 +344,12 @@ class SQLiteStorage:
                      system_attrs: dict) -> None:
         self._update_running(study_id, number, owner,
                              "state = ?, value = ?, system_attrs = ?, datetime_complete = ?, owner = NULL",
-                             (state.name, value, json.dumps(system_attrs), time.time()))
+                             (state.name, value, json.dumps(system_attrs),
+                              time.time() if state.is_finished() else None))
 
     def heartbeat(self, owner: str) -> None:
         with self._tx() as c:
-            c.execute("UPDATE trials SET heartbeat = ? WHERE owner = ? AND state = 'RUNNING'", (time.time(), owner))
+            c.execute("UPDATE tp_trials SET heartbeat = ? WHERE owner = ? AND state = 'RUNNING'", (time.time(), owner))
 
     # ----- reading ---------------------------------------------------------------------------------
 
@@ -357,10 +358,10 @@ class SQLiteStorage:
 
     def _trials(self, c: sqlite3.Connection, study_id: int, number: Optional[int] = None) -> list[FrozenTrial]:
         if number is None:
-            rows = c.execute(f"SELECT {self._COLUMNS} FROM trials WHERE study_id = ? ORDER BY number",
+            rows = c.execute(f"SELECT {self._COLUMNS} FROM tp_trials WHERE study_id = ? ORDER BY number",
                              (study_id,)).fetchall()
         else:
-            rows = c.execute(f"SELECT {self._COLUMNS} FROM trials WHERE study_id = ? AND number = ?",
+            rows = c.execute(f"SELECT {self._COLUMNS} FROM tp_trials WHERE study_id = ? AND number = ?",
                              (study_id, number)).fetchall()
         return [_frozen(r) for r in rows]
 

@@ -5,8 +5,10 @@
 
 * a finite number (a float, an int or a 0-d tensor) -> COMPLETE with that value;
 * ``raise TrialPruned()`` (after ``trial.should_prune()``) -> PRUNED;
-* an exception listed in ``catch`` (default: any ``Exception``), or a NaN / inf / non-numeric
-  return -> FAILED, the reason stored as ``trial.fail_reason`` and logged; the study goes on;
+* a NaN / inf / non-numeric return, or an exception whose type is listed in ``catch`` -> FAILED,
+  the reason stored as ``trial.fail_reason`` and logged; the study goes on;
+* any other exception (``catch=()`` by default, as in Optuna) -> FAILED, and the exception stops
+  the study: it propagates from ``optimize`` once the other workers finish their running trials;
 * KeyboardInterrupt / SystemExit -> the trial goes back to WAITING (retried on resume) and the
   exception propagates.
 
@@ -14,7 +16,10 @@
 the same SQLite file, so the objective, sampler, pruner and callbacks must be picklable (a top-level
 function or an instance of a top-level class, not a lambda or closure) and the storage must be a
 file. ``backend="thread"`` runs threads instead (any objective; in-memory storage allowed; useful
-when the objective releases the GIL, e.g. torch ops).
+when the objective releases the GIL, e.g. torch ops). ``workers`` runs them.
+
+Optuna's habits: ``best_params``, ``enqueue_trial``, ``trials_dataframe()`` (pandas), and studies
+move to and from Optuna's storages with ``export_to_optuna`` / ``import_from_optuna`` (``interop``).
 
 Budgets: ``n_trials`` counts trials started by this call (over all workers); ``total_trials``
 counts all trials of the study, which is what a script that may be killed and rerun wants
@@ -24,9 +29,10 @@ from __future__ import annotations
 
 import logging
 import math
-import multiprocessing as mp
+import numbers
 import os
 import secrets
+import sys
 import tempfile
 import threading
 import time
@@ -34,12 +40,14 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
+from . import interop
 from .gp import GPSampler
 from .sqlite import SQLiteStorage, owner_id, parse_storage
 from .space import Distribution
 from .trial import FrozenTrial, Trial, TrialPruned, TrialRecorder, TrialState
+from .workers import Run, new_stop_event, run_processes, run_threads
 
-__all__ = ["Study", "create_study", "load_study"]
+__all__ = ["Study", "create_study", "load_study", "import_from_optuna"]
 
 _log = logging.getLogger("trainpatterns.tuning")
 
@@ -154,11 +162,46 @@ class Study(TrialRecorder):
     def best_params(self) -> dict:
         return self.best_trial.params
 
-    def enqueue_trial(self, params: dict) -> int:
-        """Queue a trial with fixed parameter values (run before sampled ones); returns its number."""
-        if not isinstance(params, dict) or not params:
-            raise ValueError(f"enqueue_trial needs a non-empty dict of parameter values, got {params!r}")
-        return self._storage.enqueue_trial(self._study_id, dict(params))
+    def enqueue_trial(self, params: dict, user_attrs: Optional[dict] = None, skip_if_exists: bool = False) -> int:
+        """Queue a trial that takes ``params`` (run before sampled ones), as Optuna: each value is
+        what ``suggest_*`` of that name returns, checked against the range or choices given there
+        (outside them the trial fails, naming the parameter); names the objective never suggests are
+        ignored. ``skip_if_exists``: when a trial with the same parameters exists, queue nothing and
+        return that trial's number. Returns the queued trial's number."""
+        if not isinstance(params, dict):
+            raise TypeError(f"enqueue_trial: params must be a dict {{name: value}}, got {type(params).__qualname__}")
+        fixed = {}
+        for name, v in params.items():
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"enqueue_trial: parameter names must be non-empty strings, got {name!r}")
+            if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+                v = int(v)  # numpy integers as well
+            elif isinstance(v, numbers.Real) and not isinstance(v, bool):
+                v = float(v)
+                if not math.isfinite(v):
+                    raise ValueError(f"enqueue_trial: parameter {name!r} must be finite, got {v}")
+            elif v is not None and not isinstance(v, (bool, str)):
+                raise TypeError(f"enqueue_trial: parameter {name!r} is a {type(v).__qualname__}; values must be "
+                                "numbers, bools, strings or None")
+            fixed[name] = v
+        if user_attrs is not None and not isinstance(user_attrs, dict):
+            raise TypeError(f"enqueue_trial: user_attrs must be a dict or None, got {type(user_attrs).__qualname__}")
+        same = (lambda trials: _same_params(trials, fixed)) if skip_if_exists else None
+        return self._storage.enqueue_trial(self._study_id, fixed, dict(user_attrs or {}), same)
+
+    def trials_dataframe(self, attrs: Sequence[str] = interop.DATAFRAME_ATTRS, multi_index: bool = False) -> Any:
+        """The trials as a pandas DataFrame, in Optuna's layout: one row per trial, columns ``number``,
+        ``value``, ``datetime_start``, ``datetime_complete``, ``duration``, ``params_<name>``,
+        ``user_attrs_<key>``, ``system_attrs_<key>``, ``state`` (``attrs`` picks and orders them;
+        ``multi_index=True`` keeps ("params", name) pairs). ImportError without pandas."""
+        return interop.trials_dataframe(self.trials, tuple(attrs), multi_index)
+
+    def export_to_optuna(self, storage: Any, study_name: Optional[str] = None) -> Any:
+        """Copy this study into a new Optuna study (``storage``: an Optuna storage URL such as
+        "sqlite:///optuna.db", or an Optuna storage object; ``study_name`` defaults to this one's)
+        and return it. Every trial keeps its number, state, value, parameters with their
+        distributions, intermediate values, attrs and times. Needs Optuna."""
+        return interop.export_study(self.trials, self.direction, storage, study_name or self.study_name)
 
     # ----- the trial recorder: what a live Trial calls ---------------------------------------------
 
@@ -237,13 +280,15 @@ class Study(TrialRecorder):
     # ----- optimize --------------------------------------------------------------------------------
 
     def optimize(self, objective: Objective, n_trials: Optional[int] = None, *, timeout: Optional[float] = None,
-                 n_jobs: int = 1, backend: str = "process", catch: tuple = (Exception,),
+                 n_jobs: int = 1, backend: str = "process", catch: Union[type, Iterable[type]] = (),
                  callbacks: Optional[Sequence[Callback]] = None, total_trials: Optional[int] = None,
                  max_retries: int = 3) -> None:
         """Run trials until ``n_trials`` (this call), ``total_trials`` (the whole study), ``timeout``
         seconds or an exhausted sampler, whichever comes first (with none of them: until the sampler
-        is exhausted or interrupted). ``callbacks(study, frozen_trial)`` run after each trial in the
-        process that ran it. ``max_retries``: attempts of an interrupted trial before it is FAILED."""
+        is exhausted or interrupted). ``catch``: exception types recorded as FAILED trials while the
+        study goes on; any other exception fails its trial and stops the study (see the module
+        docstring). ``callbacks(study, frozen_trial)`` run after each trial in the process that ran
+        it. ``max_retries``: attempts of an interrupted trial before it is FAILED."""
         if not callable(objective):
             raise TypeError(f"objective must be callable objective(trial), got {objective!r}")
         for nm, x in (("n_trials", n_trials), ("total_trials", total_trials)):
@@ -257,76 +302,51 @@ class Study(TrialRecorder):
             raise ValueError(f"n_jobs must be an int >= 1 (or -1 for one per CPU), got {n_jobs!r}")
         if backend not in ("process", "thread"):
             raise ValueError(f"backend must be 'process' or 'thread', got {backend!r}")
-        if not isinstance(catch, tuple):
-            catch = tuple(catch)
-        run = _Run(run_id=uuid.uuid4().hex, n_trials=n_trials, total_trials=total_trials,
-                   deadline=None if timeout is None else time.time() + timeout, catch=catch,
-                   callbacks=list(callbacks or []), max_retries=int(max_retries))
+        catch = _exception_types(catch)
+        processes = n_jobs > 1 and backend == "process"
+        if processes and self._storage.path is None:
+            raise ValueError("n_jobs > 1 with backend='process' needs a file storage "
+                             "(storage='study.db'); or pass backend='thread'")
+        run = Run(run_id=uuid.uuid4().hex, n_trials=n_trials, total_trials=total_trials,
+                  deadline=None if timeout is None else time.time() + timeout, catch=catch,
+                  callbacks=list(callbacks or []), max_retries=int(max_retries), stop=new_stop_event(processes))
         if n_jobs == 1:
             self._worker_loop(objective, run)
-        elif backend == "thread":
-            errors: list = []
-            threads = [threading.Thread(target=_thread_main, args=(self, objective, run, errors), daemon=True)
-                       for _ in range(n_jobs)]
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join()
-            if errors:
-                raise errors[0]
+        elif processes:
+            run_processes(self, objective, run, n_jobs)
         else:
-            if self._storage.path is None:
-                raise ValueError("n_jobs > 1 with backend='process' needs a file storage "
-                                 "(storage='study.db'); or pass backend='thread'")
-            self._run_processes(objective, run, n_jobs)
+            run_threads(self, objective, run, n_jobs)
 
-    def _worker_loop(self, objective: Objective, run: "_Run") -> None:
-        while run.deadline is None or time.time() < run.deadline:
-            trial = self._claim(run_id=run.run_id, max_in_run=run.n_trials, max_total=run.total_trials,
-                                max_retries=run.max_retries)
-            if trial is None:
-                return
-            frozen = self._run_trial(objective, trial, run.catch)
-            for cb in run.callbacks:
-                cb(self, frozen)
+    def _worker_loop(self, objective: Objective, run: Run) -> None:
+        try:
+            while not run.stop.is_set() and (run.deadline is None or time.time() < run.deadline):
+                trial = self._claim(run_id=run.run_id, max_in_run=run.n_trials, max_total=run.total_trials,
+                                    max_retries=run.max_retries)
+                if trial is None:
+                    return
+                frozen = self._run_trial(objective, trial, run.catch)
+                for cb in run.callbacks:
+                    cb(self, frozen)
+        except BaseException:
+            run.stop.set()  # the other workers finish their running trial and start no other
+            raise
 
     def _run_trial(self, objective: Objective, trial: Trial, catch: tuple) -> FrozenTrial:
         try:
             value = objective(trial)
-        except TrialPruned:
-            return self.tell(trial, state=TrialState.PRUNED)
         except (KeyboardInterrupt, SystemExit):
             self._storage.finish_trial(self._study_id, trial.number, self._owner, TrialState.WAITING, None,
                                        dict(trial.system_attrs, interruptions=trial.system_attrs.get(
                                            "interruptions", []) + ["interrupted by KeyboardInterrupt/SystemExit"]))
             raise
-        except catch as e:
-            return self.tell(trial, state=TrialState.FAILED, reason=f"{type(e).__name__}: {e}")
         except BaseException as e:
-            self.tell(trial, state=TrialState.FAILED, reason=f"{type(e).__name__}: {e}")
+            if _is_pruned(e):
+                return self.tell(trial, state=TrialState.PRUNED)
+            frozen = self.tell(trial, state=TrialState.FAILED, reason=f"{type(e).__name__}: {e}")
+            if isinstance(e, catch):
+                return frozen
             raise
         return self.tell(trial, value)
-
-    def _run_processes(self, objective: Objective, run: "_Run", n_jobs: int) -> None:
-        ctx = mp.get_context("spawn")
-        payload = (self._storage, self.study_name, self.sampler, self.pruner, self._artifact_dir, objective, run)
-        procs = [ctx.Process(target=_process_main, args=payload, daemon=False) for _ in range(n_jobs)]
-        for p in procs:
-            p.start()
-        try:
-            for p in procs:
-                p.join()
-        except BaseException:
-            for p in procs:
-                if p.is_alive():
-                    p.terminate()
-            for p in procs:
-                p.join()
-            raise
-        bad = [p.exitcode for p in procs if p.exitcode != 0]
-        if bad:
-            raise RuntimeError(f"{len(bad)} of {n_jobs} worker processes exited with errors (exit codes {bad}); "
-                               "see their output above")
 
     # ----- heartbeat -------------------------------------------------------------------------------
 
@@ -356,24 +376,57 @@ class Study(TrialRecorder):
         return f"Study(name={self.study_name!r}, direction={self.direction!r}, storage={self._storage.url or 'memory'})"
 
 
-class _Run:
-    """The budget and options of one ``optimize`` call, shared by its workers."""
+def _is_pruned(e: BaseException) -> bool:
+    """Ours or Optuna's ``TrialPruned`` (an objective written for Optuna raises the latter; Optuna is
+    then already imported, so it is looked up, never imported, here)."""
+    optuna_exceptions = sys.modules.get("optuna.exceptions")
+    return isinstance(e, TrialPruned) or (optuna_exceptions is not None
+                                          and isinstance(e, getattr(optuna_exceptions, "TrialPruned", ())))
 
-    def __init__(self, *, run_id: str, n_trials: Optional[int], total_trials: Optional[int],
-                 deadline: Optional[float], catch: tuple, callbacks: list, max_retries: int) -> None:
-        self.run_id, self.n_trials, self.total_trials = run_id, n_trials, total_trials
-        self.deadline, self.catch, self.callbacks, self.max_retries = deadline, catch, callbacks, max_retries
 
-
-def _thread_main(study: Study, objective: Objective, run: _Run, errors: list) -> None:
+def _exception_types(catch: Any) -> tuple:
+    """``catch`` as a tuple of exception classes (one class or an iterable of them, as Optuna takes)."""
+    types = (catch,) if isinstance(catch, type) else catch
     try:
-        study._worker_loop(objective, run)
-    except BaseException as e:  # re-raised by optimize() in the calling thread
-        errors.append(e)
+        types = tuple(types)
+    except TypeError:
+        types = (types,)
+    for t in types:
+        if not (isinstance(t, type) and issubclass(t, BaseException)):
+            raise TypeError(f"catch must be an exception class or a tuple of them, got {catch!r}")
+    return types
 
 
-def _process_main(storage: SQLiteStorage, study_name: str, sampler: Any, pruner: Any, artifact_dir: Any,
-                  objective: Objective, run: _Run) -> None:
-    study = load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
-                       artifact_dir=artifact_dir)
-    study._worker_loop(objective, run)
+def _same_params(trials: Sequence[FrozenTrial], params: dict) -> Optional[int]:
+    """The number of a trial whose enqueued or suggested parameters equal ``params``: the same names,
+    numbers equal to a relative 1e-5 as in Optuna's ``skip_if_exists`` (but 4 and 4.0 are the same
+    point), other values of the same type and equal."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def equal(a: Any, b: Any) -> bool:
+        if number(a) and number(b):
+            return math.isclose(a, b, rel_tol=1e-5, abs_tol=0.0)
+        return type(a) is type(b) and a == b
+
+    for t in trials:
+        for have in (t.system_attrs.get("fixed_params"), t.params):
+            if have is not None and have.keys() == params.keys() and all(equal(params[k], have[k]) for k in params):
+                return t.number
+    return None
+
+
+def import_from_optuna(storage: Any, study_name: str, *,
+                       to_storage: Union[None, str, os.PathLike, SQLiteStorage] = None,
+                       to_study_name: Optional[str] = None, sampler: Any = None, pruner: Any = None,
+                       artifact_dir: Union[None, str, os.PathLike] = None) -> Study:
+    """Copy the Optuna study ``study_name`` from ``storage`` (an Optuna storage URL or object) into a new
+    study of ours (``to_storage``: in memory by default; ``to_study_name``: the same name by default)
+    and return it. Trials keep their numbers, states (Optuna's FAIL is our FAILED), values,
+    parameters with their distributions, intermediate values, attrs and times; a RUNNING trial is
+    retried with its parameters on the next claim. Multi-objective studies are refused. Needs Optuna."""
+    direction, trials = interop.read_optuna_study(storage, study_name)
+    study = create_study(direction=direction, storage=to_storage, study_name=to_study_name or study_name,
+                         sampler=sampler, pruner=pruner, artifact_dir=artifact_dir)
+    study.storage.add_trials(study._study_id, trials)
+    return study

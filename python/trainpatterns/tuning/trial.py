@@ -11,13 +11,15 @@ choices, the pruner's verdict, and writes of the trial's state to storage.
 
 Invariants: a parameter name keeps its kind (float / int / categorical) and, for categoricals, its
 choices across all trials of a study; suggesting the same name twice in one trial returns the same
-value. ``report(step, value)`` takes the step first (the training step or epoch: a resource count,
-an int >= 0) and a finite float.
+value. ``report(value, step)`` takes Optuna's order: a finite number, then the step (the training
+step or epoch: a resource count, an int >= 0). A float step is refused rather than truncated, so a
+call written in the other order with a float value fails instead of swapping the two.
 """
 from __future__ import annotations
 
 import enum
 import math
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Protocol, Sequence
@@ -32,13 +34,15 @@ class TrialState(enum.Enum):
     """WAITING: queued (enqueued, or interrupted and due for a retry). RUNNING: claimed by a live
     process. COMPLETE: returned a finite value. PRUNED: stopped by the pruner (or paused at an ASHA
     rung, from where it may be promoted). FAILED: raised, returned a non-finite value, or was
-    interrupted more than ``max_retries`` times; ``fail_reason`` says which."""
+    interrupted more than ``max_retries`` times; ``fail_reason`` says which. ``FAIL`` is another
+    name for ``FAILED`` (Optuna's spelling)."""
 
     WAITING = 0
     RUNNING = 1
     COMPLETE = 2
     PRUNED = 3
     FAILED = 4
+    FAIL = 4
 
     def is_finished(self) -> bool:
         return self in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAILED)
@@ -224,6 +228,8 @@ class Trial:
                 return self._params[name]
         if name in self._fixed:
             value = self._fixed[name]
+            if isinstance(dist, IntDistribution) and isinstance(value, float) and value.is_integer():
+                value = int(value)
             if not dist.contains(value):
                 raise ValueError(f"parameter {name!r}: the fixed value {value!r} of trial {self.number} "
                                  f"(enqueued, grid or earlier attempt) is outside {dist}")
@@ -240,24 +246,34 @@ class Trial:
 
     # ----- early stopping --------------------------------------------------------------------------
 
-    def report(self, step: int, value: float) -> None:
-        """Record the objective's intermediate ``value`` at ``step`` (argument order: step first).
-        Reporting a step again overwrites it (a resumed trial repeating a step)."""
-        if isinstance(step, bool) or not isinstance(step, int) and not (isinstance(step, float) and step.is_integer()):
-            raise TypeError(f"report(step, value): step must be an int (the resource used so far), got {step!r}; "
-                            "note the order: step first, then value")
-        if int(step) < 0:
-            raise ValueError(f"report(step, value): step must be >= 0, got {step}")
+    def report(self, value: float, step: int) -> None:
+        """Record the objective's intermediate ``value`` (a finite number) at ``step`` (an int >= 0),
+        in Optuna's order. Reporting a step again overwrites it (a resumed trial repeating a step)."""
+        if isinstance(value, (str, bytes, bool)):
+            raise TypeError(f"report(value, step): value must be a number, got {value!r}")
         try:
             v = float(value)
         except (TypeError, ValueError):
-            raise TypeError(f"report(step, value): value must be a float, got {value!r}") from None
-        self._intermediate[int(step)] = v
+            raise TypeError(f"report(value, step): value must be a number, got {value!r}") from None
+        if not math.isfinite(v):
+            raise ValueError(f"report(value, step): value must be finite, got {v}; to stop a diverged trial "
+                             "raise TrialPruned(), or return the value to record the trial as failed")
+        try:
+            s = operator.index(step)  # ints and integer scalars only: a float step is refused, not truncated
+        except TypeError:
+            s = None
+        if s is None or isinstance(step, bool):
+            raise TypeError(f"report(value, step): step must be an int (the resource used so far), got {step!r}; "
+                            "note the order: value first, then step")
+        if s < 0:
+            raise ValueError(f"report(value, step): step must be >= 0, got {s}")
+        self._intermediate[s] = v
         self.study.record_intermediate(self.number, self._intermediate)
 
     def should_prune(self) -> bool:
         """Ask the study's pruner whether to stop now (raise ``TrialPruned`` if so). Without a pruner,
-        or before any report, always False. A non-finite last report always prunes."""
+        or before any report, always False. A non-finite last value (which only a trial imported from
+        Optuna can hold: ``report`` refuses one) always prunes."""
         if not self._intermediate:
             return False
         last = self._intermediate[max(self._intermediate)]
