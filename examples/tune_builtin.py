@@ -24,7 +24,7 @@ def main() -> None:
     args = p.parse_args()
 
     study = create_study(direction="minimize", sampler=GPSampler(seed=0, n_startup_trials=6),
-                         pruner=ASHAPruner(min_resource=args.steps // 10, reduction_factor=3),
+                         pruner=ASHAPruner.for_budget(args.trials, args.steps),
                          storage=args.db, study_name="pendulum-example", load_if_exists=True)
     # total_trials (not n_trials): a rerun after a kill finishes the same 16-trial study.
     study.optimize(PendulumObjective(steps=args.steps), total_trials=args.trials, callbacks=[ProgressPrinter()])

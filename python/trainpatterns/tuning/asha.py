@@ -1,12 +1,13 @@
 """ASHA: asynchronous successive halving (Li et al., 2020), the early-stopping rule for trials.
 
 Rungs sit at resources r_k = min_resource * reduction_factor ** (k + min_early_stopping_rate)
-(steps or epochs, as passed to ``trial.report(step, value)``). When a trial first reports a step
->= r_k, its value there is recorded as its rung-k value and compared with every rung-k value seen so
-far (asynchronous: nobody waits for a full rung). It is promoted (continues) when it ranks within
+(steps or epochs, the ``step`` of ``trial.report(value, step)``). When a trial first reports a
+step >= r_k, its value there is recorded as its rung-k value and compared with every rung-k value
+seen so far (asynchronous: nobody waits for a full rung). It is promoted (continues) when it ranks within
 the top ``max(1, n_k // reduction_factor)`` of the ``n_k`` values at that rung, as Optuna's
 SuccessiveHalvingPruner decides; otherwise it is stopped. ``bootstrap_count``: no decision at a rung
-until it holds that many values.
+until it holds that many values. ``ASHAPruner.for_budget(n_trials, max_resource)`` places the rungs
+so that a study of that many trials still finishes several of them.
 
 Two modes:
 
@@ -56,6 +57,31 @@ class ASHAPruner:
         self.pause = bool(pause)
         self._direction = "minimize"
 
+    @classmethod
+    def for_budget(cls, n_trials: int, max_resource: int, *, reduction_factor: int = 3,
+                   min_complete: int = 3) -> "ASHAPruner":
+        """An inline pruner whose rungs fit a study of ``n_trials`` trials of ``max_resource`` steps.
+
+        About one trial in ``reduction_factor ** R`` gets through R rungs, so R is the largest
+        number of rungs that leaves ``min_complete`` or more trials to finish
+        (``n_trials / reduction_factor ** R >= min_complete``; R = 0, no pruning at all, for a
+        budget below ``min_complete * reduction_factor``; fewer when ``max_resource`` is below
+        ``reduction_factor ** R``). The top rung sits at ``max_resource / reduction_factor`` (rounded
+        up to a rung of the ladder), the others a factor apart below it: a trial is judged
+        on as much of its training as the rungs allow, and never at a step so early that the
+        ranking says little about the end. (Rungs at 30, 90 and 270 of 300 steps let about one trial
+        of 12 finish, and the sampler then has one result to learn from.)"""
+        for name, value, low in (("n_trials", n_trials, 1), ("max_resource", max_resource, 1),
+                                 ("reduction_factor", reduction_factor, 2), ("min_complete", min_complete, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"ASHAPruner.for_budget: {name} must be an int >= {low}, got {value!r}")
+        rungs = 0
+        while n_trials >= min_complete * reduction_factor ** (rungs + 1):
+            rungs += 1
+        # Rounded up, so the rung above the top one lands at or past max_resource (no extra rung
+        # just short of the end when max_resource is not a multiple of the factor's power).
+        return cls(max(1, -(-max_resource // reduction_factor ** rungs)), reduction_factor, max_resource=max_resource)
+
     def rung_resource(self, k: int) -> int:
         """The resource (step) of rung k."""
         return self.min_resource * self.reduction_factor ** (k + self.min_early_stopping_rate)
@@ -78,7 +104,7 @@ class ASHAPruner:
         return value <= cut
 
     @staticmethod
-    def _rung_values(trials: Sequence[FrozenTrial], k: int) -> list:
+    def _rung_values(trials: Sequence[Any], k: int) -> list:
         out = []
         for t in trials:
             v = t.system_attrs.get("asha_rungs", {}).get(str(k))
@@ -86,29 +112,36 @@ class ASHAPruner:
                 out.append(v)
         return out
 
-    def should_prune(self, study: Any, trial: Any, trials: Sequence[FrozenTrial]) -> bool:
-        """Called by ``trial.should_prune()`` with the study's trials as stored."""
-        iv = trial.intermediate_values
-        step = max(iv)
-        sign = self._sign(study)
-        value = sign * iv[step]
-        rungs = dict(trial.system_attrs.get("asha_rungs", {}))
-        reached = self._rungs_reached(step)
-        new = [k for k in range(reached) if str(k) not in rungs]
+    def record_rungs(self, intermediate_values: dict, sign: float, rungs: dict) -> tuple[dict, Optional[int]]:
+        """The rung record ``rungs`` ({str(k): signed value}) of a trial whose reports are
+        ``intermediate_values``, with the rungs its last report passed added at the last value; and
+        the newest rung added, or None when the last report passed no new rung."""
+        step = max(intermediate_values)
+        value = sign * intermediate_values[step]
+        new = [k for k in range(self._rungs_reached(step)) if str(k) not in rungs]
         if not new:
-            return False
-        for k in new:
-            rungs[str(k)] = value
-        trial._set_system_attr("asha_rungs", rungs)
-        k = new[-1]
-        others = [t for t in trials if t.number != trial.number]
+            return rungs, None
+        return {**rungs, **{str(k): value for k in new}}, new[-1]
+
+    def stops_at(self, k: int, value: float, others: Sequence[Any]) -> bool:
+        """Whether a trial with the signed rung-``k`` ``value`` stops there, given the rung records
+        (``system_attrs["asha_rungs"]``) of the study's other trials ``others`` (inline mode)."""
         values = self._rung_values(others, k) + [value]
-        if self.pause:
-            trial._set_system_attr("asha_paused", k)
-            return True
         if len(values) < self.bootstrap_count:
             return False
         return not self._promotable(value, values)
+
+    def should_prune(self, study: Any, trial: Any, trials: Sequence[FrozenTrial]) -> bool:
+        """Called by ``trial.should_prune()`` with the study's trials as stored."""
+        rungs, k = self.record_rungs(trial.intermediate_values, self._sign(study),
+                                     trial.system_attrs.get("asha_rungs", {}))
+        if k is None:
+            return False
+        trial._set_system_attr("asha_rungs", rungs)
+        if self.pause:
+            trial._set_system_attr("asha_paused", k)
+            return True
+        return self.stops_at(k, rungs[str(k)], [t for t in trials if t.number != trial.number])
 
     def promote_locked(self, trials: Sequence[FrozenTrial]) -> Optional[int]:
         """(pause mode) The number of a paused trial to resume now, or None. Called by the storage

@@ -3,7 +3,9 @@
 The task is the one ``trainpatterns train`` runs (an MLP learning the damped pendulum's state after
 one second, ``trainpatterns.pendulum.pendulum_data``), trained here by a short FusedAdamW loop. The
 study tunes the learning rate, the width and depth of the MLP and its activation, minimising the
-validation MSE; with ``--pruner asha`` bad trials stop early. Each trial saves its model, optimizer
+validation MSE. With ``--pruner asha`` bad trials stop early, at rungs fitted to ``--trials``
+(``ASHAPruner.for_budget``: several trials finish, so the sampler has results to learn from; it
+learns from the pruned trials' last values too). Each trial saves its model, optimizer
 and sampling-generator state at every report with a ``CheckpointManager`` in ``trial.checkpoint_dir``
 (safetensors + JSON, written atomically, nothing pickled), and restores the newest usable one, so a
 trial that is retried after a crash (or resumed by ``ASHAPruner(pause=True)``) continues where it
@@ -29,7 +31,7 @@ from ..pendulum import UsageError, pendulum_data
 from .asha import ASHAPruner
 from .gp import GPSampler
 from .grid import GridSampler
-from .plots import plot_optimization_history, plot_param_importances
+from .plots import plot_intermediate_values, plot_optimization_history, plot_param_importances
 from .random import RandomSampler
 from .study import create_study
 from .trial import FrozenTrial, Trial, TrialPruned, TrialState
@@ -41,7 +43,8 @@ _ACTIVATIONS = {"tanh": torch.nn.Tanh, "gelu": torch.nn.GELU, "silu": torch.nn.S
 
 
 class PendulumObjective:
-    """objective(trial) -> validation MSE of an MLP trained for ``steps`` FusedAdamW steps.
+    """objective(trial) -> validation MSE of an MLP trained for ``steps`` FusedAdamW steps, the
+    learning rate decaying from the suggested ``lr`` to zero on a cosine.
     A top-level class (picklable), so it runs in ``n_jobs`` worker processes too. ``threads``: torch
     threads per trial (1 by default: these models are small, and more threads only contend, badly
     so when several trials or other jobs share the cores); 0 leaves torch's setting alone."""
@@ -66,14 +69,17 @@ class PendulumObjective:
         xv, yv = pendulum_data(512, seed=self.seed + 1)
 
         def fresh() -> dict:
-            torch.manual_seed(self.seed + trial.number)
+            # Every trial starts from the same seed (common random numbers): two trials then differ
+            # by their hyperparameters, not by their luck with the initial weights and batches, so
+            # the pruner's comparisons at a rung and the GP's model of the objective see less noise.
+            torch.manual_seed(self.seed)
             layers, d_in = [], 2
             for _ in range(depth):
                 layers += [torch.nn.Linear(d_in, width), act()]
                 d_in = width
             model = torch.nn.Sequential(*layers, torch.nn.Linear(d_in, 2))
             opt = FusedAdamW(model.parameters(), lr=lr, weight_decay=0.0, max_grad_norm=1.0)
-            gen = torch.Generator().manual_seed(self.seed + trial.number)
+            gen = torch.Generator().manual_seed(self.seed)
             return dict(model=model, opt=opt, gen=gen.get_state())
 
         # rng=False: the trial's randomness is its own seeded generator, saved as a plain tensor.
@@ -91,6 +97,11 @@ class PendulumObjective:
 
         val = validate() if start_step >= self.steps else math.inf
         for step in range(start_step + 1, self.steps + 1):
+            # Cosine decay to zero: the value at the last step is the settled end of training, not a
+            # point on Adam's oscillations at full learning rate, so it ranks configurations well.
+            # A function of the step alone: a resumed trial continues on the same schedule.
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / self.steps))
             idx = torch.randint(0, self.samples, (self.batch_size,), generator=gen)
             loss = loss_fn(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
@@ -99,7 +110,7 @@ class PendulumObjective:
             if step % every == 0 or step == self.steps:
                 val = validate()
                 manager.save(dict(model=model, opt=opt, gen=gen.get_state()), step=step, metrics={"val_mse": val})
-                trial.report(step, val)
+                trial.report(value=val, step=step)
                 if trial.should_prune():
                     raise TrialPruned()
         return val
@@ -124,25 +135,38 @@ def _restore_or_start_over(manager: CheckpointManager, fresh: Callable[[], dict]
 
 
 class ProgressPrinter:
-    """A callback printing one line per finished trial: state, value, parameters, time, best so far."""
+    """A callback printing one line per finished trial (the ``tune`` command's output): its outcome,
+    the best COMPLETE value so far (marked when this trial set it), the time, its parameters."""
 
     def __init__(self) -> None:
         self.t0 = time.perf_counter()
 
     def __call__(self, study: Any, t: FrozenTrial) -> None:
         if t.state is TrialState.COMPLETE:
-            what = f"value {t.value:.4e}"
+            what = f"complete {t.value:.4e}"
         elif t.state is TrialState.PRUNED:
-            what = f"pruned at step {t.last_step}"
+            what = (f"pruned   {t.value:.4e} @ step {t.last_step}" if t.value is not None
+                    else f"pruned at step {t.last_step}")
         else:
             what = f"{t.state.name.lower()}: {t.fail_reason}"
         params = " ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
         try:
             best = study.best_trial
-            best_s = f"best {best.value:.4e} (trial {best.number})"
+            best_s = f"best {best.value:.4e} " + ("(new)" if best.number == t.number else f"(trial {best.number})")
         except ValueError:
-            best_s = "no complete trial yet"
-        print(f"trial {t.number:3d}  {what:<24}  {params}  {time.perf_counter() - self.t0:6.1f}s  {best_s}", flush=True)
+            best_s = "best -"
+        print(f"trial {t.number:3d}  {what:<32}  {best_s:<27}  {time.perf_counter() - self.t0:6.1f}s  {params}",
+              flush=True)
+
+
+def _improvements(study: Any) -> list:
+    """[(trial number, value)] of each COMPLETE trial that improved on every earlier one."""
+    sign = 1.0 if study.direction == "minimize" else -1.0
+    out: list = []
+    for t in study.get_trials([TrialState.COMPLETE]):
+        if not out or sign * t.value < sign * out[-1][1]:
+            out.append((t.number, t.value))
+    return out
 
 
 def _fmt(v: Any) -> str:
@@ -161,7 +185,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         sampler = RandomSampler(seed=args.seed)
     else:
         sampler = GPSampler(seed=args.seed, n_startup_trials=min(8, max(1, args.trials // 3)))
-    pruner = ASHAPruner(min_resource=max(1, args.steps // 10), reduction_factor=3) if args.pruner == "asha" else None
+    pruner = ASHAPruner.for_budget(args.trials, args.steps) if args.pruner == "asha" else None
     study = create_study(direction="minimize", sampler=sampler, pruner=pruner, storage=args.storage,
                          study_name=args.study_name, load_if_exists=True)
     objective = PendulumObjective(steps=args.steps, samples=args.samples, seed=args.seed, threads=args.threads)
@@ -174,10 +198,12 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     print("trials: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     if done:
         best = study.best_trial
+        print("best value by trial: " + " -> ".join(f"{v:.3e} (trial {n})" for n, v in _improvements(study)))
         print(f"best: trial {best.number}, validation mse {best.value:.4e}, params {best.params}")
     if args.plots:
         os.makedirs(args.plots, exist_ok=True)
         print("wrote", plot_optimization_history(study, os.path.join(args.plots, "history.png")))
+        print("wrote", plot_intermediate_values(study, os.path.join(args.plots, "intermediate.png")))
         if len(done) >= 3:
             print("wrote", plot_param_importances(study, os.path.join(args.plots, "importance.png")))
     return 0 if done else 1
@@ -194,7 +220,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="worker processes (needs --storage)")
     p.add_argument("--storage", default=None, help="SQLite file (resumable; default: in memory)")
     p.add_argument("--study-name", default="pendulum")
-    p.add_argument("--plots", default=None, metavar="DIR", help="write history.png and importance.png there")
+    p.add_argument("--plots", default=None, metavar="DIR",
+                   help="write history.png, intermediate.png and importance.png there")
     p.add_argument("--threads", type=int, default=1, help="torch threads per trial (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_tune)

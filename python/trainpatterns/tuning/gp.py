@@ -1,19 +1,32 @@
 """Bayesian optimisation with a Gaussian process: ``GPSampler``.
 
-The first ``n_startup_trials`` trials are random (i.i.d. uniform; scrambled Sobol with
-``sobol_startup=True``). After that, every trial fits the GP of ``gp_model`` to the COMPLETE trials
-over the parameters they all share: a Matern-5/2 ARD kernel on inputs scaled to [0, 1], outputs
-warped by a fitted Yeo-Johnson transform, and a bowl-shaped prior mean rising towards the faces of
-the cube. The next point maximises log expected improvement: the best of ``n_candidates`` scrambled
-Sobol points, refined by ``n_local_search`` gradient searches inside the [0, 1] box over the
-continuous columns. Trials still running enter as fantasies at the posterior mean, so parallel
+The first ``n_startup_trials`` observations are random (i.i.d. uniform; scrambled Sobol with
+``sobol_startup=True``). After that, every trial fits the GP of ``gp_model`` to the observed trials
+over the parameters every COMPLETE trial shares: a Matern-5/2 ARD kernel on inputs scaled to [0, 1],
+outputs warped by a fitted Yeo-Johnson transform, and a bowl-shaped prior mean rising towards the
+faces of the cube. The next point maximises log expected improvement: the best of ``n_candidates``
+scrambled Sobol points, refined by ``n_local_search`` gradient searches inside the [0, 1] box over
+the continuous columns. Trials still running enter as fantasies at the posterior mean, so parallel
 workers spread out. Parameters outside the shared space (conditional ones) are sampled uniformly.
+
+Pruned trials count (``learn_from_pruned=True``): a PRUNED trial with a finite last reported value
+is an observation at that value, as if the trial had ended there. For a training loss that falls
+with the steps, the value at the step where the pruner stopped a trial is above what the trial would
+have reached at the end: a pessimistic stand-in, on purpose. The pruner stopped the trial because it
+was behind its peers at the same step, so charging its region with a value worse than its final one
+steers expected improvement away from it, which is the pruner's verdict; leaving pruned trials out
+instead throws away most of what an ASHA study measured (with a small budget nearly every trial is
+pruned, and the model would see one or two points). Pruned values never set the incumbent, the best
+value that expected improvement must beat, while a COMPLETE trial exists: a value read mid-training
+is not a result, and an early value below every final one would make the search chase a level no
+finished trial reached. Startup counts observations of both kinds.
 
 The reasons behind each choice: docs/tuning-gp-design.md; the design study and the comparison with
 Optuna's GPSampler: see bench/RESULTS.md.
 """
 from __future__ import annotations
 
+import math
 import secrets
 from typing import Any, Optional, Sequence
 
@@ -42,12 +55,13 @@ class GPSampler(Sampler):
     defaults follow Optuna's: 2048 Sobol candidates, 10 local searches, both searches run to a
     gradient tolerance of 1e-2, at most 200 iterations).
     threads: BLAS threads while proposing (restored afterwards; 0 leaves the setting alone).
+    learn_from_pruned: PRUNED trials enter the model at their last reported value (module docstring).
     """
 
     def __init__(self, seed: Optional[int] = None, *, n_startup_trials: int = 10, deterministic_objective: bool = False,
                  n_candidates: int = 2048, n_local_search: int = 10, fit_iterations: int = 200,
                  acq_iterations: int = 200, threads: int = 1, sobol_startup: bool = False,
-                 warp_outputs: bool = True, quadratic_mean: bool = True) -> None:
+                 warp_outputs: bool = True, quadratic_mean: bool = True, learn_from_pruned: bool = True) -> None:
         if n_startup_trials < 1:
             raise ValueError(f"n_startup_trials must be >= 1, got {n_startup_trials}")
         for name, value, low in (("n_candidates", n_candidates, 1), ("n_local_search", n_local_search, 0),
@@ -65,6 +79,7 @@ class GPSampler(Sampler):
         self.sobol_startup = bool(sobol_startup)
         self.warp_outputs = bool(warp_outputs)
         self.quadratic_mean = bool(quadratic_mean)
+        self.learn_from_pruned = bool(learn_from_pruned)
         self._startup = RandomSampler(self.seed, sobol=self.sobol_startup)
         self._warm: dict = {}  # space key -> last fitted raw kernel parameters (list of floats)
 
@@ -72,20 +87,44 @@ class GPSampler(Sampler):
                            history: Sequence[FrozenTrial]) -> Any:
         return sample_uniform(dist, float(trial_rng(self.seed, number, name).random()))
 
-    def before_trial(self, study: Any, number: int, history: Sequence[FrozenTrial]) -> dict:
+    def model_space(self, history: Sequence[FrozenTrial]) -> dict:
+        """The parameters the GP models for the next trial: those every COMPLETE trial of ``history``
+        shares (name-sorted); empty while the sampler is still in its startup trials."""
         space = intersection_search_space(history)
-        done = [t for t in history if t.state is TrialState.COMPLETE and t.value is not None]
-        if not space or len(done) < self.n_startup_trials:
+        return space if space and len(self.observations(history, space)) >= self.n_startup_trials else {}
+
+    def observations(self, history: Sequence[FrozenTrial], space: dict) -> list:
+        """The trials the GP learns from: COMPLETE ones, and (``learn_from_pruned``) PRUNED ones with a
+        finite value that have every parameter of ``space`` with the same distribution."""
+        out = []
+        for t in history:
+            if t.value is None or not math.isfinite(t.value):
+                continue
+            if t.state is TrialState.COMPLETE or (
+                    self.learn_from_pruned and t.state is TrialState.PRUNED
+                    and all(t.distributions.get(k) == d for k, d in space.items())):
+                out.append(t)
+        return out
+
+    def before_trial(self, study: Any, number: int, history: Sequence[FrozenTrial]) -> dict:
+        space = self.model_space(history)
+        if not space:
             return self._startup.before_trial(study, number, history)
+        seen = self.observations(history, space)
         sign = -1.0 if getattr(study, "direction", "minimize") == "maximize" else 1.0
         with blas_threads(self.threads):
-            return self.propose(space, [t.params for t in done], [sign * t.value for t in done],
+            return self.propose(space, [t.params for t in seen], [sign * t.value for t in seen],
                                 [t.params for t in history if t.state is TrialState.RUNNING
-                                 and all(k in t.params for k in space)], number)
+                                 and all(k in t.params for k in space)], number,
+                                pruned=[t.state is TrialState.PRUNED for t in seen])
 
     def propose(self, space: dict, params: Sequence[dict], values: Sequence[float], pending: Sequence[dict],
-                number: int) -> dict:
-        """The next point for minimising ``values`` observed at ``params``, avoiding ``pending``."""
+                number: int, *, pruned: Sequence[bool] = ()) -> dict:
+        """The next point for minimising ``values`` observed at ``params``, avoiding ``pending``.
+        ``pruned``: which observations are pruned trials' last values (they never set the incumbent
+        while a finished observation exists)."""
+        if len(pruned) not in (0, len(values)):
+            raise ValueError(f"propose: pruned has {len(pruned)} flags for {len(values)} values")
         enc = _Encoder(space)
         x = np.array([enc.encode(p) for p in params], dtype=np.float64).reshape(len(params), enc.dim)
         y = np.array(values, dtype=np.float64)
@@ -96,15 +135,19 @@ class GPSampler(Sampler):
                                  init=None if init is None else np.array(init), iterations=self.fit_iterations,
                                  mean_columns=enc.continuous if self.quadratic_mean else None)
         self._warm[key] = gp.raw.tolist()
-        best = float(y.min())
+        final = ~np.array(pruned, dtype=bool) if len(pruned) else np.ones(len(y), dtype=bool)
+        if not final.any():
+            final[:] = True
         if pending:
             xp = np.array([enc.encode(p) for p in pending], dtype=np.float64)
             gp = gp.condition_on(xp, gp.posterior(xp)[0])
-        row = self._maximise_acquisition(gp, enc, best, x, y, number)
+        row = self._maximise_acquisition(gp, enc, float(y[final].min()), x[final], y[final], number)
         return enc.decode(row.tolist())
 
     def _maximise_acquisition(self, gp: GaussianProcess, enc: _Encoder, best: float, x: np.ndarray,
                               y: np.ndarray, number: int) -> np.ndarray:
+        """The point maximising log EI over ``best``; ``x``, ``y``: the observations the incumbent
+        is chosen from (a local search starts at the best of them)."""
         rng = trial_rng(self.seed, number, "gp-acquisition")
         cand = enc.from_unit_cube(sobol_points(len(enc.columns), self.n_candidates, rng))
         acq = gp.log_ei(cand, best)

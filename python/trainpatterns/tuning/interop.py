@@ -22,8 +22,8 @@ from typing import Any, Optional, Sequence
 from .space import CategoricalDistribution, Distribution, FloatDistribution, IntDistribution
 from .trial import FrozenTrial, TrialState
 
-__all__ = ["DATAFRAME_ATTRS", "trials_dataframe", "to_optuna_trial", "from_optuna_trial", "export_study",
-           "read_optuna_study"]
+__all__ = ["DATAFRAME_ATTRS", "trials_dataframe", "to_optuna_trial", "from_optuna_trial", "from_optuna_distribution",
+           "export_study", "read_optuna_study"]
 
 ATTEMPTS_KEY = "trainpatterns:attempts"
 DATAFRAME_ATTRS = ("number", "value", "datetime_start", "datetime_complete", "duration", "params", "user_attrs",
@@ -109,7 +109,7 @@ def _to_optuna_value(optuna_dist: Any, v: Any) -> Any:
     return v
 
 
-def _from_optuna_distribution(optuna: Any, name: str, d: Any) -> Distribution:
+def from_optuna_distribution(optuna: Any, name: str, d: Any) -> Distribution:
     od = optuna.distributions
     if isinstance(d, od.FloatDistribution):
         return FloatDistribution.make(name, d.low, d.high, d.log, d.step)
@@ -142,7 +142,7 @@ def from_optuna_trial(ft: Any) -> FrozenTrial:
     return FrozenTrial(
         number=int(ft.number), state=TrialState[ft.state.name], value=None if ft.value is None else float(ft.value),
         params=dict(ft.params),
-        distributions={k: _from_optuna_distribution(optuna, k, d) for k, d in ft.distributions.items()},
+        distributions={k: from_optuna_distribution(optuna, k, d) for k, d in ft.distributions.items()},
         intermediate_values={int(k): float(v) for k, v in ft.intermediate_values.items()},
         user_attrs=dict(ft.user_attrs), system_attrs=system, attempts=int(system.pop(ATTEMPTS_KEY, default_attempts)),
         datetime_start=_seconds(ft.datetime_start), datetime_complete=_seconds(ft.datetime_complete))
