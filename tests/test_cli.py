@@ -413,3 +413,25 @@ def test_plot_draws_max_error_against_training_time():
         assert ax.get_yscale() == "log" and "time" in ax.get_xlabel()
     finally:
         plt.close(fig)
+
+
+@pytest.mark.timeout(200)
+def test_pipeline_strategy_trains_the_built_in_job_in_stages(tmp_path):
+    # `torchrun --nproc-per-node 2 -m trainpatterns train --strategy pipeline`: the MLP's layers in two
+    # stages (1F1B), interpolation mode off; one story on both ranks, the loss falls.
+    run_dir = tmp_path / "pp"
+    argv = ["-m", "trainpatterns", "train", *SMALL, "--strategy", "pipeline", "--run-dir", str(run_dir)]
+    res = run_ranks(argv, world=2, timeout_s=170, cwd=str(tmp_path))
+    assert [r[0] for r in res] == [0, 0], res
+    assert "in 2 pipeline stages (PipelineParallel, 1F1B, 4 micro-batches" in res[0][1] and "done in" in res[0][1]
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert records[-1]["train_loss"] < records[0]["train_loss"] and "max_error" not in records[-1]
+    assert json.load(open(run_dir / "config.json"))["interpolation"] is False
+
+
+def test_pipeline_strategy_refuses_what_it_cannot_run(tmp_path):
+    res = cli_subprocess(tmp_path, "train", "--strategy", "pipeline", "--interpolation")
+    assert_one_line_error(res.returncode, res.stderr, "train", "cannot run interpolation mode")
+    res = cli_subprocess(tmp_path, "train", "--strategy", "pipeline")
+    assert_one_line_error(res.returncode, res.stderr, "train", "runs under torchrun with at least 2 processes")

@@ -140,7 +140,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise UsageError("--strategy async needs --run-dir (every rank must name the same directory) and "
                              "cannot --resume (a job started again resumes from its servers' checkpoints)")
         return _train(args, int(os.environ.get("RANK", "0")), 1)
+    if args.strategy == "pipeline":
+        if args.interpolation:
+            raise UsageError("--strategy pipeline cannot run interpolation mode (its L-BFGS finish needs the whole "
+                             "model on one rank): drop --interpolation")
+        args.interpolation = False
     rank, world = _join_torchrun()
+    if args.strategy == "pipeline" and world < 2:
+        raise UsageError("--strategy pipeline runs under torchrun with at least 2 processes (one stage each)")
     try:
         code = _train(args, rank, world)
     except BaseException:
@@ -196,9 +203,12 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> int:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=plan.total_steps)
     val = (job.x_val, job.y_val) if job.x_val is not None else None
 
-    strategy = {"scheduler": None, "strategy": args.strategy,
-                "async_options": {"scheduler": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(
-                    o, T_max=plan.total_steps)}} if args.strategy == "async" else {"scheduler": sched}
+    strategy: dict = {"scheduler": sched}
+    if args.strategy != "sync":  # each rank's optimizer is built by the strategy: the schedule comes as a factory
+        options = {"scheduler": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=plan.total_steps)}
+        if args.strategy == "pipeline":
+            options.update(microbatches=args.microbatches, schedule="1f1b")
+        strategy = {"scheduler": None, "strategy": args.strategy, f"{args.strategy}_options": options}
     trainer = Trainer(model, job.loss_fn, opt, (job.x, job.y), val, checkpoint_dir=run_dir, plan=plan,
                       interpolation=job.interpolation, progress=not args.no_progress,
                       seed=cfg["seed"], resume=resume, num_threads=1 if cfg["data"] is None else None,
@@ -218,6 +228,9 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> int:
         ranks = f" on {world} ranks (SyncDataParallel over gloo, each on its shard)" if world > 1 else ""
         if args.strategy == "async":
             ranks = " with parameter servers (AsyncDataParallel: the first rank serves, the others work)"
+        if args.strategy == "pipeline":
+            ranks = (f" in {world} pipeline stages (PipelineParallel, 1F1B, {args.microbatches} micro-batches; "
+                     f"stage costs in bytes {[int(c) for c in trainer.model.stage_costs]})")
         say(f"training a {sum(p.numel() for p in model.parameters())}-parameter MLP on {job.name} "
             f"({n} examples, {kind}{mode}; {plan.total_steps} steps in {plan.num_epochs} virtual epochs, "
             f"FusedAdamW){ranks} -> {run_dir}")
@@ -384,8 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="interpolation mode: no regularisation, max-error metric (default on for the "
                               "noise-free built-in task, off for --data)")
     p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p_train.add_argument("--strategy", choices=("sync", "async"), default="sync",
-                         help="under torchrun: sync (SyncDataParallel, default) or async (parameter servers)")
+    p_train.add_argument("--strategy", choices=("sync", "async", "pipeline"), default="sync",
+                         help="under torchrun: sync (SyncDataParallel, default), async (parameter servers) or "
+                              "pipeline (the model's layers in stages, one per rank)")
+    p_train.add_argument("--microbatches", type=int, default=4,
+                         help="--strategy pipeline: micro-batches per batch (default 4; must divide the batch)")
     p_train.set_defaults(func=_cmd_train)
     p_over = sub.add_parser("overfit-check", help="can the job's model fit one batch? (exit 1 if not)")
     _job_arguments(p_over, f"at most this many steps on the batch (default {DEFAULTS['steps']})")
