@@ -163,7 +163,7 @@ def main() -> None:
     if mode == "errors":  # bad arguments: the same clear error on every rank, before any communication
         for kwargs in (dict(split_points=["9"]), dict(split_points=["2", "4"]), dict(microbatches=0),
                        dict(schedule="zigzag"), dict(stages=5), dict(data_parallel=3),
-                       dict(schedule="interleaved", stages=3), dict(balance="time")):
+                       dict(schedule="interleaved", stages=3), dict(balance="time"), dict(microbatches=1)):
             try:
                 PipelineParallel(make_model(), loss_fn=nn.MSELoss(), **kwargs)
             except (ValueError, TypeError) as e:

@@ -28,7 +28,8 @@ SLOW = {
     # Optuna in the same process and 3 seeds of two test functions: minutes, not seconds.
     "bench_tuning.py": ["--quick", "--seeds", "1"],
 }
-DISTRIBUTED = {"bench_allreduce.py": ["--quick", "--repeats", "2"]}
+DISTRIBUTED = {"bench_allreduce.py": ["--quick", "--repeats", "2"],
+               "bench_pipeline.py": ["--quick", "--rounds", "1", "--width", "128", "--batch", "64"]}
 
 
 def test_every_benchmark_is_covered():

@@ -120,11 +120,12 @@ def test_bad_splits_are_the_same_clear_error_on_every_rank(tmp_path):
     assert [r[0] for r in res] == [0, 0], res
     for rank, (_, out, _) in enumerate(res):
         lines = [line for line in out.splitlines() if line.startswith(f"rank {rank}: ")]
-        assert len(lines) == 9, out
+        assert len(lines) == 10, out
         for want in ("split point(s) ['9'] are not top-level blocks", "split_points must name 1 block(s)",
                      "microbatches must be an int >= 1", "schedule must be one of", "stages=5 but the job has 2 ranks",
                      "data_parallel=3 does not divide the job's 2 ranks", "stages=3: the interleaved schedule needs",
                      "balance='time' times each block on a micro-batch: pass example_inputs=",
+                     "Number of microbatches (1) must be greater than or equal to the number of stages (2)",
                      "2 stages but the model has only 1 top-level blocks"):
             assert any(want in line for line in lines), (want, lines)
 

@@ -139,6 +139,8 @@ class PipelineParallel(nn.Module):
         self._broken: Optional[str] = None
         self._scale = 1.0
         self._device = next(self.parameters(), torch.empty(0)).device
+        self._build()  # torch's schedules check their arguments here, the same way on every rank
+        self._schedule = None  # built again at the first batch, once its shapes are known
 
     def _make_groups(self, world: int, width: int) -> tuple:
         """Every rank creates every group, in the same order (``new_group`` is collective)."""
