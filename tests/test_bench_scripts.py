@@ -23,6 +23,7 @@ SINGLE = {
     "bench_checkpoint.py": ["--quick", "--dir", "{tmp}"],
     "bench_transfer.py": ["--quick"],
     "bench_async.py": ["--quick"],  # starts its own rank processes, one job at a time
+    "bench_store.py": ["--quick", "--rows", "5000"],
 }
 SLOW = {
     # Optuna in the same process and 3 seeds of two test functions: minutes, not seconds.

@@ -6,6 +6,9 @@ the training loop only picks up finished batches (the tf.data ``prefetch`` patte
 per-sample Python and no worker process. On a GPU each batch is copied from pinned host buffers to
 the device on a side stream, and the consumer's stream waits on that copy's event.
 
+``PrefetchLoader.from_store`` serves an array store, the one-time copy of a map-style dataset that
+``write_array_store`` (``data_store``, re-exported here) makes.
+
 ``device_prefetch`` gives any iterable of tensors (a torch DataLoader, say) the same overlapped
 host-to-device copies; it lives in ``_device_copy`` beside the side-stream stage both share and is
 re-exported here.
@@ -16,6 +19,9 @@ Invariants the tests hold us to:
   ``np.random.Generator(np.random.PCG64([seed, e])).permutation(n)`` (``arange(n)`` unshuffled),
   batch ``b`` being rows ``b * batch_size`` up to ``(b + 1) * batch_size`` of it, never dependent
   on thread count or timing.
+* With ``rank``/``world_size``, rank ``r`` visits ``order[r::world_size]`` of that epoch order after
+  it is wrapped around to (``drop_last`` off) or cut to (on) a multiple of ``world_size``: the
+  ranks' rows are DistributedSampler's, and every rank has as many batches.
 * The position (``state_dict()``) counts batches *handed to the user*, never prefetched ones.
 * A batch buffer is reused only after every tensor sharing its storage has been freed (and, on a
   GPU, after its copy has completed): a batch the user holds never changes.
@@ -34,8 +40,9 @@ import torch
 from . import _kernels
 from ._device_copy import DeviceStage, device_prefetch
 from ._loader_args import check_int, resolve_device
+from .data_store import open_array_store, write_array_store
 
-__all__ = ["PrefetchLoader", "device_prefetch"]
+__all__ = ["PrefetchLoader", "device_prefetch", "open_array_store", "write_array_store"]
 
 Sources = Union[Mapping[str, Any], Sequence[Any], np.ndarray, torch.Tensor]
 
@@ -50,6 +57,21 @@ def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool) -> np.ndarr
     if not shuffle:
         return np.arange(num_rows, dtype=np.int64)
     return np.random.Generator(np.random.PCG64([seed, epoch])).permutation(num_rows).astype(np.int64, copy=False)
+
+
+def shard_order(order: np.ndarray, rank: int, world_size: int, drop_last: bool) -> np.ndarray:
+    """Rank ``rank``'s share of an epoch's order, as DistributedSampler splits it: the order is wrapped
+    around to the next multiple of ``world_size`` (``drop_last``: cut to the one below), then rank
+    ``r`` takes every ``world_size``-th row from position ``r``."""
+    if world_size == 1:
+        return order
+    total = rank_rows(len(order), world_size, drop_last) * world_size
+    return np.ascontiguousarray(np.resize(order, total)[rank::world_size])
+
+
+def rank_rows(num_rows: int, world_size: int, drop_last: bool) -> int:
+    """Rows each rank visits per epoch."""
+    return num_rows // world_size if drop_last else -(-num_rows // world_size)
 
 
 class _Structure:
@@ -103,6 +125,12 @@ class PrefetchLoader:
         epochs: epoch boundaries one iteration crosses: ``1`` (default) runs the rest of the
             current epoch, like one pass of a DataLoader; ``None`` runs forever, drawing a fresh
             permutation every epoch (for training by steps or virtual epochs).
+        rank, world_size: this process's share when ``world_size`` processes read the same
+            sources: each epoch's order is split as DistributedSampler splits it (rank ``r`` takes
+            rows ``r, r + world_size, ...``; ``drop_last`` off wraps the order around so every rank
+            has ``ceil(rows / world_size)`` rows, a few of them seen twice; on, it cuts the order to
+            ``rows // world_size`` per rank and then drops each rank's short last batch). Every
+            rank gets as many batches, and the order still depends only on ``(seed, epoch)``.
 
     Iterating continues from the current position (``epoch``, ``batch``): after an uninterrupted
     ``for`` loop the loader stands at the start of the next epoch, so ``for epoch in range(E): for
@@ -115,12 +143,17 @@ class PrefetchLoader:
     def __init__(self, sources: Sources, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                  drop_last: bool = False, prefetch: int = 2, num_threads: Optional[int] = None,
                  device: Union[None, str, torch.device] = None,
-                 transform: Optional[Callable[[Any], Any]] = None, epochs: Optional[int] = 1):
+                 transform: Optional[Callable[[Any], Any]] = None, epochs: Optional[int] = 1,
+                 rank: int = 0, world_size: int = 1):
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.prefetch = check_int("prefetch", prefetch, 1)
         self.num_threads = _default_threads() if num_threads is None else check_int("num_threads", num_threads, 1)
         self.seed = check_int("seed", seed, 0)
         self.epochs = None if epochs is None else check_int("epochs", epochs, 1)
+        self.world_size = check_int("world_size", world_size, 1)
+        self.rank = check_int("rank", rank, 0)
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank must be < world_size, got rank={rank} with world_size={world_size}")
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable, got {type(transform).__name__}")
         self.shuffle, self.drop_last, self.transform = bool(shuffle), bool(drop_last), transform
@@ -137,12 +170,17 @@ class PrefetchLoader:
         self._pinned: Optional[list] = None  # CUDA: the pinned host pool, allocated once
         self._active: Optional[weakref.ref] = None
 
+    @classmethod
+    def from_store(cls, path: Union[str, os.PathLike], batch_size: int, **kwargs: Any) -> "PrefetchLoader":
+        """A loader over the array store at ``path`` (see ``write_array_store``), its files mapped
+        read-only; batches have the structure of the dataset's items. ``kwargs`` are the loader's."""
+        return cls(open_array_store(path), batch_size, **kwargs)
+
     # ---- position ----
     def __len__(self) -> int:
-        """Batches per epoch."""
-        if self.drop_last:
-            return self.num_rows // self.batch_size
-        return -(-self.num_rows // self.batch_size)
+        """Batches per epoch (of this rank)."""
+        rows = rank_rows(self.num_rows, self.world_size, self.drop_last)
+        return rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
 
     @property
     def epoch(self) -> int:
@@ -163,17 +201,21 @@ class PrefetchLoader:
     def state_dict(self) -> dict:
         """The position after the last batch handed to the user (prefetched ones do not count)."""
         return dict(seed=self.seed, epoch=self._epoch, batch=self._batch, num_rows=self.num_rows,
-                    batch_size=self.batch_size, drop_last=self.drop_last, shuffle=self.shuffle)
+                    batch_size=self.batch_size, drop_last=self.drop_last, shuffle=self.shuffle,
+                    world_size=self.world_size)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume at a saved position: the next batches are exactly those the saved loader would
-        have yielded. The data layout (rows, batch size, drop_last, shuffle) must match."""
+        have yielded. The data layout (rows, batch size, drop_last, shuffle, world_size) must match;
+        the position is the same on every rank, so any rank's state resumes them all."""
         missing = {"seed", "epoch", "batch"} - set(state)
         if missing:
             raise KeyError(f"loader state is missing {sorted(missing)}")
-        for key in ("num_rows", "batch_size", "drop_last", "shuffle"):
-            if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"loader state has {key}={state[key]!r} but this loader has "
+        layout = {k: state[k] for k in ("num_rows", "batch_size", "drop_last", "shuffle") if k in state}
+        layout["world_size"] = state.get("world_size", 1)  # a state without it is a single process's
+        for key, saved in layout.items():
+            if saved != getattr(self, key):
+                raise ValueError(f"loader state has {key}={saved!r} but this loader has "
                                  f"{getattr(self, key)!r}: resuming would not reproduce the batches")
         seed, epoch, batch = (check_int(k, state[k], 0) for k in ("seed", "epoch", "batch"))
         if batch > len(self):
@@ -280,8 +322,7 @@ class _LoaderIterator:
             count = min(count, self._remaining - self._to_take - len(self._copies))
             if count <= 0:
                 return  # everything this iteration hands out is already scheduled
-        self._pushes.append(self._pusher.submit(_push_epoch, self._native, ld.num_rows, ld.seed, self._next_push,
-                                                ld.shuffle, ld.drop_last, first_batch))
+        self._pushes.append(self._pusher.submit(_push_epoch, self._native, ld, self._next_push, first_batch))
         self._to_take += count
         self._next_push += 1
 
@@ -367,15 +408,15 @@ class _LoaderIterator:
             pass
 
 
-def _push_epoch(native, num_rows: int, seed: int, epoch: int, shuffle: bool, drop_last: bool,
-                first_batch: int) -> None:
-    """Draw one epoch's order and hand it to the native threads (runs on the helper thread; it
-    holds no reference to the iterator, so dropping the iterator is never delayed by it)."""
-    order = epoch_order(num_rows, seed, epoch, shuffle)
+def _push_epoch(native, ld: PrefetchLoader, epoch: int, first_batch: int) -> None:
+    """Draw one epoch's order (this rank's share) and hand it to the native threads (runs on the
+    helper thread; it holds no reference to the iterator, so dropping the iterator is never delayed
+    by it)."""
+    order = shard_order(epoch_order(ld.num_rows, ld.seed, epoch, ld.shuffle), ld.rank, ld.world_size, ld.drop_last)
     if native.closed:
         return
     try:
-        native.push_epoch(order, drop_last, first_batch)
+        native.push_epoch(order, ld.drop_last, first_batch)
     except RuntimeError:
         if not native.closed:  # closed in the meantime: nobody waits for this epoch any more
             raise
