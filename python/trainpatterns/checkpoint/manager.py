@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import math
 import os
 import shutil
-import sys
 import time
 import warnings
 import weakref
@@ -91,13 +91,13 @@ _managers: "weakref.WeakSet[CheckpointManager]" = weakref.WeakSet()
 
 @atexit.register
 def _wait_at_exit() -> None:
-    """Interpreter exit waits for every pending background write (errors go to stderr)."""
+    """Interpreter exit waits for every pending background write (errors are logged)."""
     for m in list(_managers):
         try:
             m.wait()
         except BaseException as e:  # noqa: BLE001 - nothing can be raised to the user at exit
-            print(f"trainpatterns.checkpoint: the last checkpoint in {m.directory} was not saved: {e}",
-                  file=sys.stderr)
+            logging.getLogger("trainpatterns.checkpoint").error("the last checkpoint in %s was not saved: %s",
+                                                                m.directory, e)
 
 
 class CheckpointManager:

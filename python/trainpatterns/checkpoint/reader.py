@@ -24,17 +24,19 @@ import torch
 
 from ._fit import load_module
 from ._format import (FORMAT, STEP_DIR, VERSION, CheckpointError, brief, check_file_name, crc32, decode_tree,
-                      entry_kind, manifest_crc, open_regular, rank_base, read_json_file, read_safetensors)
+                      entry_kind, manifest_crc, open_regular, rank_base, read_json_file, read_safetensors,
+                      storage_key)
 from ._rng import check_rng, restore_rng
 
-__all__ = ["Loaded", "read_manifest", "check_files", "load", "try_load", "apply_loaded", "load_weights"]
+__all__ = ["Loaded", "read_manifest", "check_files", "read_doc", "read_tensors", "decode_entry", "module_entry",
+           "malformed", "load", "try_load", "apply_loaded", "load_weights"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 KINDS = ("module", "optimizer", "lr_scheduler", "grad_scaler", "stateful", "value")  # see entry_kind
 
 
 @contextlib.contextmanager
-def _malformed(path: str) -> Iterator[None]:
+def malformed(path: str) -> Iterator[None]:
     """Defence in depth around parsing: every field is checked where it is used, and anything that
     still slips through is reported as the malformed checkpoint it is, never as a stray error of
     the caller (and never as a reason to stop falling back to an older checkpoint)."""
@@ -56,7 +58,7 @@ def read_manifest(path: str) -> dict:
     mpath = os.path.join(path, "manifest.json")
     if not os.path.exists(mpath):
         raise CheckpointError(f"{path} has no manifest.json (not a checkpoint, or not fully written)")
-    with _malformed(mpath):
+    with malformed(mpath):
         manifest = read_json_file(mpath)
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise CheckpointError(f"{mpath} is not a {FORMAT} manifest")
@@ -139,7 +141,7 @@ class Loaded:
         return self.shared_tensors.get(f, {}) if f else {}
 
 
-def _read_doc(path: str, manifest: dict, fname: str) -> tuple[str, dict]:
+def read_doc(path: str, manifest: dict, fname: str) -> tuple[str, dict]:
     """(path, content) of JSON document ``fname``, verified against the manifest; its entries are
     checked to be {name: {kind, tree, file (None or a plain file name)}}."""
     fpath = os.path.join(path, fname)
@@ -163,11 +165,11 @@ def _expected(manifest: dict, path: str, fname: str) -> tuple[int, int]:
     return info["size"], info["crc32"]
 
 
-def _read_tensors(path: str, manifest: dict, fname: str, copy: bool = True) -> dict:
+def read_tensors(path: str, manifest: dict, fname: str, copy: bool = True) -> dict:
     return read_safetensors(os.path.join(path, fname), _expected(manifest, path, fname), copy=copy)[0]
 
 
-def _decode_entry(e: dict, tensors: dict, live: Any, where: str, place: bool = True) -> Any:
+def decode_entry(e: dict, tensors: dict, live: Any, where: str, place: bool = True) -> Any:
     """An entry's value; a module's, optimizer's, scheduler's or scaler's state must be a dict."""
     value = decode_tree(e["tree"], tensors, live, where, place=place)
     if e["kind"] not in ("stateful", "value") and not isinstance(value, dict):
@@ -178,7 +180,7 @@ def _decode_entry(e: dict, tensors: dict, live: Any, where: str, place: bool = T
 def load(path: str, rank: int) -> Loaded:
     """Read and verify everything rank ``rank`` needs from checkpoint ``path``; CheckpointError if
     anything is missing, corrupt or malformed."""
-    with _malformed(path):
+    with malformed(path):
         return _load(path, rank)
 
 
@@ -187,20 +189,20 @@ def _load(path: str, rank: int) -> Loaded:
     world = manifest["world_size"]
     if rank >= world:
         raise CheckpointError(f"{path} was written by {world} rank(s): it holds no state for rank {rank}")
-    spath, state_doc = _read_doc(path, manifest, "state.json")
+    spath, state_doc = read_doc(path, manifest, "state.json")
     shared = state_doc["entries"]
     shared_tensors = {}
     for e in shared.values():
         f = e.get("file")
         if f and f not in shared_tensors:  # a module's tensors are copied by load_state_dict: no copy of each
-            shared_tensors[f] = _read_tensors(path, manifest, f, copy=e["kind"] != "module")
-    rpath, rank_doc = _read_doc(path, manifest, rank_base(rank) + ".json")
-    rank_tensors = _read_tensors(path, manifest, rank_doc["file"]) if rank_doc.get("file") else {}
+            shared_tensors[f] = read_tensors(path, manifest, f, copy=e["kind"] != "module")
+    rpath, rank_doc = read_doc(path, manifest, rank_base(rank) + ".json")
+    rank_tensors = read_tensors(path, manifest, rank_doc["file"]) if rank_doc.get("file") else {}
     loaded = Loaded(manifest["step"], shared, shared_tensors, rank_doc["entries"], rank_tensors, None)
     for name, e in shared.items():  # a dry run: every tree decodes, so applying cannot fail on one
-        _decode_entry(e, loaded.tensors_for(name), None, f"{spath}: state[{name!r}]", place=False)
+        decode_entry(e, loaded.tensors_for(name), None, f"{spath}: state[{name!r}]", place=False)
     for name, e in rank_doc["entries"].items():
-        _decode_entry(e, rank_tensors, None, f"{rpath}: state[{name!r}]", place=False)
+        decode_entry(e, rank_tensors, None, f"{rpath}: state[{name!r}]", place=False)
     if rank_doc.get("rng") is not None:
         loaded.rng = decode_tree(rank_doc["rng"], rank_tensors, where=f"{rpath}: rng", place=False)
         check_rng(loaded.rng, f"{rpath}: rng")
@@ -257,14 +259,44 @@ def apply_loaded(state: dict, loaded: Loaded, path: str, rng: bool) -> int:
     return loaded.step
 
 
+def module_entry(path: str, shared: dict, key: Optional[str]) -> str:
+    """``key``, checked to be a replicated entry of checkpoint ``path`` (whose replicated entries are
+    ``shared``), or its only module when ``key`` is None; ValueError naming the modules if not."""
+    modules = [n for n, e in shared.items() if e["kind"] == "module"]
+    if key is None:
+        if len(modules) != 1:
+            raise ValueError(f"{path} holds {len(modules)} modules {modules}: pass key= to choose one")
+        return modules[0]
+    if key not in shared:
+        raise ValueError(f"{path} has no entry {key!r} (modules: {modules})")
+    return key
+
+
+def _fill_tied(sd: dict, live: dict) -> None:
+    """A weights file holds a tied tensor once, under one of its names (as safetensors' save_model
+    writes it): the module's other names for that tensor take those values (load_state_dict then
+    copies them into the one tensor the names share)."""
+    names: dict = {}
+    for k, t in live.items():
+        if isinstance(t, torch.Tensor) and (key := storage_key(t)) is not None:
+            names.setdefault(key, []).append(k)
+    for group in names.values():
+        src = next((k for k in group if k in sd), None)
+        if src is not None:
+            for k in group:
+                sd.setdefault(k, sd[src])
+
+
 def load_weights(module: torch.nn.Module, path: PathLike, *, key: Optional[str] = None, strict: bool = True):
     """Load a module's weights from a checkpoint directory (or a ``.safetensors`` file) for a warm
     start: no optimizer, RNG or loader state is touched. ``key`` names the entry when the checkpoint
     holds several modules (default: the only one). ``strict`` as in ``Module.load_state_dict`` (use
     ``strict=False`` after replacing a head). Checksums are verified; a damaged or malformed
     checkpoint is a CheckpointError; weights that do not fit the module (other keys or shapes) are a
-    CheckpointMismatchError naming them in its first line. Returns what ``load_state_dict`` returns
-    (missing and unexpected keys)."""
+    CheckpointMismatchError naming them in its first line. A file that holds tied weights once, under
+    one of their names (as ``export_weights`` and safetensors' ``save_model`` write them), loads into
+    a module whose names share that tensor. Returns what ``load_state_dict`` returns (missing and
+    unexpected keys)."""
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"load_weights needs a torch.nn.Module, got {type(module).__qualname__}")
     path = os.path.abspath(os.fspath(path))
@@ -272,22 +304,16 @@ def load_weights(module: torch.nn.Module, path: PathLike, *, key: Optional[str] 
         tensors, _ = read_safetensors(path, copy=False)
         live = module.state_dict()
         sd = {k: (t.to(live[k].device) if k in live else t) for k, t in tensors.items()}
+        _fill_tied(sd, live)
         return load_module(module, sd, strict, f"weights file {path}")
     if not os.path.isdir(path):
         raise CheckpointError(f"no checkpoint at {path}")
-    with _malformed(path):
+    with malformed(path):
         manifest = read_manifest(path)
-        spath, state_doc = _read_doc(path, manifest, "state.json")
-    shared = state_doc["entries"]
-    modules = [n for n, e in shared.items() if e["kind"] == "module"]
-    if key is None:
-        if len(modules) != 1:
-            raise ValueError(f"{path} holds {len(modules)} modules {modules}: pass key= to choose one")
-        key = modules[0]
-    if key not in shared:
-        raise ValueError(f"{path} has no entry {key!r} (modules: {modules})")
-    e = shared[key]
-    with _malformed(path):
-        tensors = _read_tensors(path, manifest, e["file"], copy=False) if e.get("file") else {}
-        sd = _decode_entry(e, tensors, module.state_dict(), f"{spath}: state[{key!r}]")
+        spath, state_doc = read_doc(path, manifest, "state.json")
+    key = module_entry(path, state_doc["entries"], key)
+    e = state_doc["entries"][key]
+    with malformed(path):
+        tensors = read_tensors(path, manifest, e["file"], copy=False) if e.get("file") else {}
+        sd = decode_entry(e, tensors, module.state_dict(), f"{spath}: state[{key!r}]")
     return load_module(module, sd, strict, f"checkpoint {path} entry {key!r}")

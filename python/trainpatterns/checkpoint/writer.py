@@ -1,10 +1,11 @@
 """Writing checkpoints: snapshot to reused host buffers, then write, seal and commit in the background.
 
 Save path: the caller's thread calls ``state_dict()`` on every entry, encodes the structure to JSON
-and copies the tensors into reused host buffers (pinned, with non-blocking copies, for CUDA tensors)
-(:meth:`CheckpointWriter.snapshot`); one background thread then writes, hashes, fsyncs and commits
-(:func:`write_checkpoint`). At most one write is in flight, and it writes from its own host
-copies, so training may change its tensors while it runs.
+and copies the tensors into reused host buffers (pinned, with non-blocking copies, for CUDA tensors;
+a tensor tied under several names is copied once) (:meth:`CheckpointWriter.snapshot`); one
+background thread then writes, hashes, fsyncs and commits (:func:`write_checkpoint`). At most one
+write is in flight, and it writes from its own host copies, so training may change its tensors
+while it runs.
 
 Atomicity: a checkpoint is written under ``.tmp-step_...``; every file and the directory are
 fsynced, then it is renamed into place and the parent directory is fsynced, so it appears whole or
@@ -85,6 +86,15 @@ class HostPool:
         self._used = set()
 
 
+def _metadata(sink: TensorSink, **fields: str) -> dict[str, str]:
+    """A safetensors file's metadata: ``fields``, then each name stored as another's tensor (tied
+    weights) -> that name, as safetensors' ``save_model`` records them (never over a field)."""
+    out = dict(fields)
+    for alias, stored in sink.aliases.items():
+        out.setdefault(alias, stored)
+    return out
+
+
 def _is_per_rank(name: str, kind: str, per_rank: Optional[frozenset]) -> bool:
     if per_rank is not None:
         return name in per_rank
@@ -137,14 +147,14 @@ class CheckpointWriter:
             files.append(("state.json", "json", state_doc, None))
         for fname, sink in shared_files.items():
             files.append((fname, "safetensors", self._to_host(fname, sink.tensors, cuda_devices, async_save),
-                          {"format": FORMAT, "step": str(step)}))
+                          _metadata(sink, format=FORMAT, step=str(step))))
         rank_doc = {"format": FORMAT, "version": VERSION, "rank": rank, "rng": rng_tree, "entries": rank_entries,
                     "file": f"{base}.safetensors" if rank_sink.tensors else None}
         files.append((f"{base}.json", "json", rank_doc, None))
         if rank_sink.tensors:
             files.append((f"{base}.safetensors", "safetensors",
                           self._to_host(base, rank_sink.tensors, cuda_devices, async_save),
-                          {"format": FORMAT, "step": str(step), "rank": str(rank)}))
+                          _metadata(rank_sink, format=FORMAT, step=str(step), rank=str(rank))))
         for dev in sorted(cuda_devices):
             with torch.cuda.device(dev):
                 ev = torch.cuda.Event()

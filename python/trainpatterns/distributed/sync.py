@@ -32,8 +32,9 @@ all-reduce raises a RuntimeError naming the bucket and the rank from ``backward(
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -42,7 +43,7 @@ from torch import nn
 from .. import _kernels
 from ..optim import SupportsStepSubset
 from .ring import ring_for
-from .sync_buckets import MIB, WIRE_DTYPES, GradBucket, make_buckets
+from .sync_buckets import MIB, WIRE_DTYPES, GradBucket, bucket_caps, check_ddp_options, chunks, ddp_device, make_buckets
 
 __all__ = ["SyncDataParallel"]
 
@@ -51,15 +52,15 @@ class SyncDataParallel(nn.Module):
 
     Args:
         module: the model; its parameters and buffers are broadcast from rank 0 here.
-        bucket_mb: bucket size in MiB of gradients (DDP's ``bucket_cap_mb``). A parameter larger
-            than this gets a bucket of its own.
+        bucket_mb: bucket size in MiB of gradients (default 25). A parameter larger than this gets
+            a bucket of its own.
         compress: ``None`` (all-reduce in the gradient dtype), ``"bf16"`` or ``"fp16"``: gradients
             are cast for the wire and back, halving the bytes moved (works on CPU/gloo too).
         process_group: the group to average over (default: the world).
         first_bucket_mb: cap of the first bucket (the last layers' gradients), so that the first
-            all-reduce starts early in backward, as DDP does.
-        broadcast_buffers: broadcast buffers (e.g. BatchNorm statistics) from rank 0 before every
-            training-mode forward, as DDP does.
+            all-reduce starts early in backward, as DDP does (default 1).
+        broadcast_buffers: broadcast buffers (e.g. BatchNorm statistics) from rank 0 here and before
+            every training-mode forward, as DDP does; False: neither (buffers stay per rank).
         optimizer: a trainpatterns fused optimizer over these parameters (any optimizer with the
             ``trainpatterns.optim.SupportsStepSubset`` protocol). When given, ``backward()``
             also steps it, bucket by bucket, as soon as each bucket's all-reduce completes (the
@@ -71,27 +72,45 @@ class SyncDataParallel(nn.Module):
             is slow (scalar sums, small transfers), and ``dist.all_reduce`` elsewhere (NCCL sums
             16-bit values natively). Without ``compress`` the wire is always ``dist.all_reduce``.
 
+    DDP's argument names work where they mean the same, so switching from
+    ``DistributedDataParallel`` is a one-line change: ``bucket_cap_mb`` (``bucket_mb``; the first
+    bucket capped there too unless ``first_bucket_mb`` is given, as DDP caps it),
+    ``find_unused_parameters`` (True or False: unused parameters always work, at no cost),
+    ``gradient_as_bucket_view=True`` (always so), ``broadcast_buffers``, ``forward_sync_buffers``
+    (buffers broadcast here always, before training-mode forwards when True), ``init_sync=False``
+    (nothing broadcast here: every rank holds the same values already), ``device_ids`` and
+    ``output_device`` (None or the module's own device; with ``device_ids`` a forward's tensor
+    inputs are moved there, as DDP does). DDP's other arguments are accepted at their defaults; a
+    value SyncDataParallel cannot honour (``static_graph=True``, ``gradient_as_bucket_view=False``,
+    ``mixed_precision``, another device...) is a ValueError that says why, an unknown name a TypeError.
+
     Without an initialised process group (a single process) nothing is communicated but the
     behaviour is the same (``optimizer=`` and the ``compress`` rounding included), so one script runs
     with and without torchrun.
     """
 
-    def __init__(self, module: nn.Module, bucket_mb: float = 25, compress: Optional[str] = None, *,
-                 process_group: Optional[dist.ProcessGroup] = None, first_bucket_mb: float = 1.0,
-                 broadcast_buffers: bool = True, optimizer: Optional[torch.optim.Optimizer] = None,
-                 p2p_ring: Optional[bool] = None) -> None:
+    def __init__(self, module: nn.Module, bucket_mb: Optional[float] = None, compress: Optional[str] = None, *,
+                 process_group: Optional[dist.ProcessGroup] = None, first_bucket_mb: Optional[float] = None,
+                 broadcast_buffers: Optional[bool] = None, optimizer: Optional[torch.optim.Optimizer] = None,
+                 p2p_ring: Optional[bool] = None, bucket_cap_mb: Optional[float] = None,
+                 find_unused_parameters: bool = False, gradient_as_bucket_view: bool = True,
+                 forward_sync_buffers: Optional[bool] = None, init_sync: bool = True,
+                 device_ids: Optional[Sequence[Any]] = None, output_device: Any = None, **ddp_options: Any) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"SyncDataParallel wraps an nn.Module, got {type(module).__name__}")
-        if not bucket_mb > 0 or not first_bucket_mb > 0:
-            raise ValueError(f"bucket_mb and first_bucket_mb must be > 0, got {bucket_mb} and {first_bucket_mb}")
+        check_ddp_options(dict(ddp_options, find_unused_parameters=find_unused_parameters,
+                               gradient_as_bucket_view=gradient_as_bucket_view))
+        self.first_bucket_mb, self.bucket_mb = bucket_caps(bucket_mb, first_bucket_mb, bucket_cap_mb)
         if compress not in WIRE_DTYPES:
             raise ValueError(f"compress must be None, 'bf16' or 'fp16', got {compress!r}")
+        if broadcast_buffers is not None and forward_sync_buffers is not None:
+            raise ValueError("broadcast_buffers and forward_sync_buffers name one setting (DDP's old name and its "
+                             "new one): give one")
         self.module = module
         self.compress = compress
-        self.bucket_mb = float(bucket_mb)
-        self.first_bucket_mb = float(min(first_bucket_mb, bucket_mb))
-        self.broadcast_buffers = bool(broadcast_buffers)
+        self.broadcast_buffers = bool(forward_sync_buffers if forward_sync_buffers is not None else
+                                      broadcast_buffers is not False)
         self._group = process_group
         self._distributed = dist.is_available() and dist.is_initialized()
         if process_group is not None and not self._distributed:
@@ -113,9 +132,12 @@ class SyncDataParallel(nn.Module):
             if p.layout is not torch.strided:
                 raise TypeError(f"parameter {n!r}: layout {p.layout} is not supported (dense parameters only)")
 
+        self._input_device = ddp_device(device_ids, output_device, devices)
         self._ring = self._pick_ring(p2p_ring, devices)
         self._check_same_model(named)
-        self._broadcast([p.detach() for _, p in named] + list(module.buffers()))
+        if init_sync:
+            self._broadcast([p.detach() for _, p in named] + (list(module.buffers()) if broadcast_buffers is not False
+                                                              else []))
         self._buckets = make_buckets(trainable, int(self.first_bucket_mb * MIB), int(self.bucket_mb * MIB),
                                      WIRE_DTYPES[compress])
         self._sync = True
@@ -160,7 +182,7 @@ class SyncDataParallel(nn.Module):
         for t in tensors:
             groups.setdefault((t.dtype, t.device), []).append(t)
         with torch.no_grad():
-            for chunk in (c for ts in groups.values() for c in _chunks(ts, cap)):
+            for chunk in (c for ts in groups.values() for c in chunks(ts, cap)):
                 flat = torch.cat([t.reshape(-1) for t in chunk])
                 dist.broadcast(flat, src=self._src, group=self._group)
                 for t, piece in zip(chunk, flat.split([t.numel() for t in chunk])):
@@ -212,6 +234,8 @@ class SyncDataParallel(nn.Module):
         self._sync_backward = self._sync
         if self.broadcast_buffers and self.training and self._distributed:
             self._broadcast(list(self.module.buffers()))
+        if self._input_device is not None:
+            args, kwargs = _moved(args, self._input_device), _moved(kwargs, self._input_device)
         return self.module(*args, **kwargs)
 
     def sync_buffers(self) -> None:
@@ -400,17 +424,21 @@ class SyncDataParallel(nn.Module):
         return [list(b.names) for b in self._buckets]
 
 
-def _chunks(tensors: list, cap_bytes: int) -> Iterator[list]:
-    chunk, size = [], 0
-    for t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if chunk and size + nbytes > cap_bytes:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(t)
-        size += nbytes
-    if chunk:
-        yield chunk
+def _moved(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it (through tuples, named tuples, lists and dicts) on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        items = [_moved(v, device) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if isinstance(value, list):
+        return type(value)(_moved(v, device) for v in value)
+    if isinstance(value, dict):
+        out = copy.copy(value)  # keeps the type (and a defaultdict's factory)
+        for k, v in value.items():
+            out[k] = _moved(v, device)
+        return out
+    return value
 
 
 def _dtype_code(dtype: torch.dtype) -> int:

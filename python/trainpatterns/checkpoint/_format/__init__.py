@@ -19,9 +19,9 @@ from .files import DeferredSync, fsync_dir, open_regular, read_json_file, write_
 from .layout import (CORRUPT_SUFFIX, FORMAT, STEP_DIR, TMP_PREFIX, VERSION, check_file_name, entry_file, entry_kind,
                      manifest_crc, rank_base, seal, step_dir)
 from .safetensors import read_safetensors, write_safetensors
-from .tree import DTYPES, TensorSink, decode_tree, encode_tree
+from .tree import DTYPES, TensorSink, decode_tree, encode_tree, storage_key
 
 __all__ = ["CheckpointError", "brief", "crc32", "Crc32", "DeferredSync", "fsync_dir", "open_regular", "read_json_file",
            "write_json_file", "read_safetensors", "write_safetensors", "TensorSink", "encode_tree", "decode_tree",
-           "DTYPES", "FORMAT", "VERSION", "STEP_DIR", "TMP_PREFIX", "CORRUPT_SUFFIX", "step_dir", "rank_base",
+           "storage_key", "DTYPES", "FORMAT", "VERSION", "STEP_DIR", "TMP_PREFIX", "CORRUPT_SUFFIX", "step_dir", "rank_base",
            "entry_file", "check_file_name", "manifest_crc", "seal", "entry_kind"]

@@ -15,6 +15,12 @@ Everything else (None, bool, int, finite float, str, list, dict with plain strin
 JSON, so ints stay ints, floats round-trip bit for bit (``repr``), key order is kept. Trees nest at
 most ``MAX_DEPTH`` containers deep.
 
+Tensors that are one tensor under several names (tied weights: ``lm_head.weight is embed.weight``,
+or any two views of the same bytes with the same shape and strides) are stored once: every place
+refers to the first name, and the decoder gives every place the same tensor object again. The
+other names are recorded in ``TensorSink.aliases`` (name -> the stored name), which the writer puts
+in the file's metadata as safetensors' ``save_model`` does.
+
 Decoding only ever builds these types, from closed tables: a dtype is one of ``DTYPES`` (never an
 attribute looked up by name), a numpy scalar one of the plain kinds, a device a parsed device
 string. Every node that is not exactly what the encoder writes is a CheckpointError naming the
@@ -25,7 +31,7 @@ from __future__ import annotations
 import base64
 import math
 import re
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Optional
 
 import numpy as np
 import torch
@@ -33,7 +39,7 @@ import torch
 from .errors import CheckpointError, brief
 from .safetensors import DTYPE_TO_ST, MAX_DIMS
 
-__all__ = ["TensorSink", "encode_tree", "decode_tree", "DTYPES", "MAX_DEPTH"]
+__all__ = ["TensorSink", "encode_tree", "decode_tree", "storage_key", "DTYPES", "MAX_DEPTH"]
 
 MAX_DEPTH = 100  # containers inside containers: far beyond any state_dict, far below Python's recursion limit
 # The dtypes a {"$dtype": name} may name (a value such as an AMP dtype, not a tensor's dtype):
@@ -57,11 +63,27 @@ def _path_str(path: tuple) -> str:
     return "".join(f"[{k!r}]" for k in path)
 
 
+def storage_key(t: torch.Tensor) -> Optional[tuple]:
+    """What makes two tensor objects the same tensor: the same bytes (device, storage address,
+    offset) seen with the same dtype, shape and strides. None for a tensor without bytes of its own
+    (empty, meta) or whose storage cannot be asked for (a tensor subclass): never the same as another."""
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    if ptr == 0 or t.numel() == 0:
+        return None
+    return t.device, ptr, t.storage_offset(), t.dtype, tuple(t.shape), t.stride()
+
+
 class TensorSink:
-    """Collects the tensors met while encoding one file's trees, naming each by its path."""
+    """Collects the tensors met while encoding one file's trees, naming each by its path; a tensor
+    met again under another path is stored once (the later path becomes an alias)."""
 
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
+        self.aliases: dict[str, str] = {}  # a later path's name -> the name its tensor is stored under
+        self._names: dict[tuple, str] = {}  # storage_key -> stored name
 
     def add(self, path: tuple, t: torch.Tensor, where: str) -> str:
         if t.dtype not in DTYPE_TO_ST:
@@ -73,10 +95,17 @@ class TensorSink:
         if t.dim() > MAX_DIMS:
             raise TypeError(f"{where}{_path_str(path)}: tensors of more than {MAX_DIMS} dimensions cannot be saved")
         base = ".".join(str(k) for k in path) or "_"
+        key = storage_key(t)
+        stored = self._names.get(key) if key is not None else None
+        if stored is not None:
+            self.aliases.setdefault(base, stored)
+            return stored
         name, n = base, 1
         while name in self.tensors:
             name, n = f"{base}#{n}", n + 1
         self.tensors[name] = t
+        if key is not None:
+            self._names[key] = name
         return name
 
 
@@ -150,6 +179,7 @@ def decode_tree(node: Any, tensors: dict[str, torch.Tensor], live: Any = None, w
 class _Decoder:
     def __init__(self, tensors: dict[str, torch.Tensor], where: str, place: bool) -> None:
         self.tensors, self.where, self.place = tensors, where, place
+        self.placed: dict[tuple, torch.Tensor] = {}  # (name, device) -> the tensor moved there: ties survive a move
 
     def fail(self, problem: str) -> NoReturn:
         raise CheckpointError(f"{self.where}: {problem}")
@@ -239,7 +269,12 @@ class _Decoder:
             device = live.device
         else:
             device = saved_device if _device_available(saved_device) else torch.device("cpu")
-        return t if t.device == device else t.to(device)
+        if t.device == device:
+            return t
+        moved = self.placed.get((name, device))
+        if moved is None:
+            moved = self.placed[(name, device)] = t.to(device)
+        return moved
 
     def np_scalar(self, arg: Any, value: Any) -> np.generic:
         dtype = None
