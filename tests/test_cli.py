@@ -120,7 +120,8 @@ def test_bad_data_is_a_one_line_error(tmp_path, capsys, kind, message):
     assert not d.exists()
 
 
-def test_resume_errors(tmp_path, capsys):
+def test_resume_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/ here: --resume alone has nothing to continue
     rc, _, err = run(capsys, "train", "--resume")
     assert rc == 2 and "--run-dir" in err
     rc, _, err = run(capsys, "train", "--resume", "--run-dir", str(tmp_path))

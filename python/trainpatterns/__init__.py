@@ -25,6 +25,7 @@ from ._kernels import build_info
 from .callbacks import Callback, EarlyStopping
 from .checkpoint import CheckpointManager, VirtualEpochs
 from .data import PrefetchLoader, device_prefetch
+from .loggers import CSVLogger, TensorBoardLogger
 from .distributed import SyncDataParallel, init_from_env
 from .optim import FusedAdagrad, FusedAdam, FusedAdamW, FusedSGD
 from .overfit import distill, distillation_loss, interpolate, lbfgs_finish, overfit_check
@@ -55,6 +56,8 @@ __all__ = [
     "Trainer",
     "Callback",
     "EarlyStopping",
+    "CSVLogger",
+    "TensorBoardLogger",
     # transfer learning
     "transfer",
     "freeze",

@@ -1,4 +1,10 @@
-"""The Trainer's LR schedulers: which are driven by a metric, and what a resume does to their length.
+"""The Trainer's LR schedulers: when they are stepped, and what a resume does to their length.
+
+:class:`SchedulerStepping` steps a scheduler after every optimizer step (``interval="step"``) or
+once per virtual epoch (``"epoch"``). A metric-driven scheduler (``ReduceLROnPlateau``) is stepped once
+per virtual epoch with the monitored value whatever the interval: its patience counts evaluations,
+and only an epoch's end has one. The epoch's step comes after the record is made (its ``lr`` is the
+LR the epoch trained with) and before the checkpoint, which then holds the stepped scheduler.
 
 A scheduler's length (``T_max`` of a cosine, ``total_iters`` of a linear, polynomial or constant
 schedule) is part of its saved state. A finished run extended with a longer plan restores the old
@@ -14,15 +20,43 @@ from typing import Any, Callable, Optional
 
 import torch
 
-__all__ = ["check_length", "is_metric_driven", "length_of"]
+__all__ = ["INTERVALS", "SchedulerStepping", "check_length", "is_metric_driven", "length_of"]
 
 _LENGTH_ATTRS = ("T_max", "total_iters")
+INTERVALS = ("step", "epoch")
 
 
 def is_metric_driven(scheduler: Any) -> bool:
     """True for schedulers stepped with a metric (``ReduceLROnPlateau``): the Trainer steps them
     once per virtual epoch with the monitored value, the others after every optimizer step."""
     return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+
+class SchedulerStepping:
+    """Steps ``scheduler`` (None: nothing) at the points ``interval`` names; see the module docstring."""
+
+    def __init__(self, scheduler: Any, interval: str) -> None:
+        if interval not in INTERVALS:
+            raise ValueError(f"scheduler_interval must be 'step' (after every optimizer step) or 'epoch' (once per "
+                             f"virtual epoch), got {interval!r}")
+        self.scheduler = scheduler
+        self.metric_driven = is_metric_driven(scheduler)
+        self.per_step = scheduler is not None and not self.metric_driven and interval == "step"
+
+    def after_step(self) -> None:
+        """After an optimizer step."""
+        if self.per_step:
+            self.scheduler.step()
+
+    def after_epoch(self, value: Optional[float]) -> None:
+        """After a virtual epoch's record, ``value`` its monitored figure (a metric-driven
+        scheduler skips an epoch without one)."""
+        if self.scheduler is None or self.per_step:
+            return
+        if not self.metric_driven:
+            self.scheduler.step()
+        elif value is not None:
+            self.scheduler.step(value)
 
 
 def length_of(scheduler: Any) -> Optional[dict]:

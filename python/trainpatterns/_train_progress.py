@@ -1,8 +1,9 @@
 """What the Trainer shows: its one-line messages, the per-virtual-epoch summary and the tqdm bar.
 
-Everything is said on rank 0 only. With ``progress=True`` the lines go to stdout through tqdm (so
-the bar on stderr stays intact); with ``progress=False`` they are logged at INFO on the
-``trainpatterns.train`` logger, for scripts and jobs that collect logs rather than a terminal.
+Everything is said on rank 0 only, as INFO records of the ``trainpatterns.train`` logger, so a
+script's logging configuration (handlers, files, levels) receives them. With ``progress=True`` and
+a logging setup that would not show INFO records (Python's default), the lines are written to stdout
+through tqdm instead, above the bar, so that the bar still comes with its figures.
 """
 from __future__ import annotations
 
@@ -18,8 +19,14 @@ __all__ = ["Progress", "Speaker"]
 logger = logging.getLogger("trainpatterns.train")
 
 
+def _logging_shows_info() -> bool:
+    """Whether an INFO record of ``logger`` reaches a handler (logging is set up to show it)."""
+    return logger.isEnabledFor(logging.INFO) and logger.hasHandlers()
+
+
 class Speaker:
-    """Says one line: printed (``console``) or logged, on rank 0."""
+    """Says one line on rank 0: logged, or written above the bar when ``console`` and logging
+    would not show it."""
 
     def __init__(self, rank: int, console: bool) -> None:
         self.rank = rank
@@ -28,7 +35,7 @@ class Speaker:
     def __call__(self, line: str) -> None:
         if self.rank != 0:
             return
-        if self.console:
+        if self.console and not _logging_shows_info():
             tqdm.write(line, file=sys.stdout)
             sys.stdout.flush()
         else:

@@ -23,8 +23,10 @@ callback with state returns it from ``state_dict()`` (JSON-able values only) and
 ``load_state_dict()``; the Trainer saves it in every checkpoint.
 
 The attributes a callback may use on ``trainer``: ``model``, ``optimizer``, ``scheduler`` (or None),
-``epoch``, ``step``, ``monitor``, ``mode``, ``say`` (one line to the user), and ``stop_training`` (set
-it to True to end ``fit()`` after this epoch). :class:`EarlyStopping` is the built-in one.
+``epoch``, ``step``, ``monitor``, ``mode``, ``rank`` (0 on the rank that speaks and writes),
+``history`` (the records so far, restored ones included), ``checkpoint_dir``, ``say`` (one line to
+the user), and ``stop_training`` (set it to True to end ``fit()`` after this epoch).
+:class:`EarlyStopping` is the built-in one; the loggers (:mod:`trainpatterns.loggers`) are callbacks too.
 """
 from __future__ import annotations
 

@@ -6,12 +6,15 @@ interpolation mode with FusedAdamW and an L-BFGS finish, through the Trainer (vi
 checkpoints, metrics), printing the loss as it falls; it needs no download and takes about 20 s on 2
 CPU cores.
 ``--data file.npz`` trains the same kind of MLP on the user's arrays (``x`` and ``y``, optionally
-``x_val`` and ``y_val``; integer ``y`` means classification). ``--resume`` continues a run
-directory. ``overfit-check`` runs the one-batch overfit check on the job's model, ``plot RUN_DIR``
-draws the loss per virtual epoch with the best checkpoint marked (needs the ``plot`` extra), and
-``tune`` (added by :mod:`trainpatterns.tuning.cli`) runs a tuning study on the built-in task. The jobs
-themselves (data, model, loss) are defined in :mod:`trainpatterns.pendulum`; this module parses the
-arguments and drives them.
+``x_val`` and ``y_val``; integer ``y`` means classification). ``--resume`` continues a run directory
+(without ``--run-dir``, the newest run of the same task under ``runs/``: see :mod:`._cli_runs`), and
+``--logger csv|tensorboard`` also writes the records as a CSV file or TensorBoard event files in the
+run directory. The library's messages are ``logging`` records of the ``trainpatterns`` loggers; the
+command line shows their INFO lines on stdout. ``overfit-check`` runs the one-batch overfit check on
+the job's model, ``plot RUN_DIR`` draws the loss per virtual epoch with the best checkpoint marked
+(needs the ``plot`` extra), and ``tune`` (added by :mod:`trainpatterns.tuning.cli`) runs a tuning
+study on the built-in task. The jobs themselves (data, model, loss) are defined in
+:mod:`trainpatterns.pendulum`; this module parses the arguments and drives them.
 
 Bad input (missing or malformed data, shape mismatches, a run directory that holds another run or
 another model) ends with a one-line error on stderr and exit code 2, before anything is written.
@@ -28,8 +31,10 @@ import time
 from typing import Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from . import __version__
+from . import _cli_runs as runs
 from ._kernels import build_info
 from .checkpoint import VirtualEpochs
 from .distributed import init_from_env, shutdown
@@ -57,23 +62,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"  CPU SIMD     : {info['simd']} (compiled: {', '.join(info['simd_compiled'])})")
     print(f"  OpenMP       : {'yes' if info['openmp'] else 'no'}")
     return 0
-
-
-# The type each DEFAULTS key must have in a saved config.json (bool is no int here).
-_CONFIG_TYPES = dict(data=(str, type(None)), samples=(int,), steps=(int,), batch_size=(int,), lr=(float, int),
-                     hidden=(int,), checkpoints=(int,), seed=(int,), interpolation=(bool, type(None)))
-
-
-def _check_saved(saved: object, path: str) -> dict:
-    """``saved`` (config.json as parsed) if it is an object whose known keys have the right types."""
-    if not isinstance(saved, dict):
-        raise UsageError(f"--resume: {path} is not a run configuration (a JSON object), got {type(saved).__name__}")
-    for key, types in _CONFIG_TYPES.items():
-        value = saved.get(key)
-        if key in saved and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
-            want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise UsageError(f"--resume: {path}: {key!r} must be {want}, got {json.dumps(value)}")
-    return saved
 
 
 def _config(args: argparse.Namespace, saved: Optional[dict] = None) -> dict:
@@ -115,18 +103,6 @@ def _join_torchrun() -> tuple[int, int]:
     return info.rank, info.world_size
 
 
-def _restarted_by_torchrun(args: argparse.Namespace) -> bool:
-    """True when torchrun (``--max-restarts``) restarted this group and the run it started exists:
-    the run then continues from its newest checkpoint, as with ``--resume``. Restartable runs need
-    ``--run-dir``, since a default directory is named after the start time of each incarnation."""
-    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) == 0:
-        return False
-    if args.run_dir is None:
-        raise UsageError("under torchrun --max-restarts, pass --run-dir: a restarted group continues the run there")
-    return (int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
-            and os.path.isfile(os.path.join(args.run_dir, "config.json")))
-
-
 # Interpolation mode's L-BFGS finish: max_iter bounds it on any machine (and keeps runs reproducible);
 # the time limit only caps it on a slow one, so the built-in job stays near a minute.
 _FINISH = dict(max_iter=1500, time_limit=25.0)
@@ -164,25 +140,22 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> int:
     directory, writes config.json and prints)."""
     say = print if rank == 0 else (lambda *a, **k: None)
 
-    restarted = _restarted_by_torchrun(args)
-    resume = args.resume or restarted
+    resume = args.resume or runs.restarted_by_torchrun(args.run_dir)
     saved = None
     if resume:
-        if args.run_dir is None:
-            raise UsageError("--resume needs --run-dir (the run directory to continue)")
-        cfg_path = os.path.join(args.run_dir, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise UsageError(f"--resume: {args.run_dir} holds no run (no config.json)")
-        try:
-            with open(cfg_path) as f:
-                saved = _check_saved(json.load(f), cfg_path)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"--resume: cannot read {cfg_path} ({e})") from None
+        if args.run_dir is None:  # rank 0's pick for all: a run may start meanwhile
+            args.run_dir, problem = agree(runs.newest_run(args.data) if rank == 0 else None, world)
+            if problem is not None:
+                raise UsageError(problem)
+            say(f"resuming the newest {runs.task_name(args.data)} run: {args.run_dir}")
+        saved = runs.read_config(args.run_dir)
     cfg = _config(args, saved)
     _set_threads(args, cfg)
     torch.manual_seed(cfg["seed"])
     job = Job(cfg)
-    run_dir = args.run_dir or os.path.join("runs", f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = args.run_dir or runs.new_run_dir(job.name)
+    loggers = runs.chosen_loggers(args.logger, saved)
+    callbacks = runs.make_loggers(loggers, run_dir)
     problem = None
     checks = args.strategy != "async" or rank == 0  # async ranks cannot agree: rank 0 checks for all
     if checks and not resume and os.path.exists(run_dir) and os.listdir(run_dir):
@@ -213,7 +186,7 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> int:
                       interpolation=job.interpolation, progress=not args.no_progress,
                       seed=cfg["seed"], resume=resume, num_threads=1 if cfg["data"] is None else None,
                       rescale_schedule=saved is not None and cfg["steps"] != saved.get("steps"),
-                      interpolation_finish=_FINISH, **strategy)
+                      interpolation_finish=_FINISH, callbacks=callbacks, **strategy)
     step = trainer.restore() if resume else None
     if step is None and args.resume:
         raise UsageError(f"--resume: {run_dir} holds no usable checkpoint")
@@ -222,7 +195,7 @@ def _train(args: argparse.Namespace, rank: int, world: int) -> int:
     else:
         if rank == 0:
             with open(os.path.join(run_dir, "config.json"), "w") as f:
-                json.dump(cfg, f, indent=2)
+                json.dump(dict(cfg, loggers=loggers), f, indent=2)
         kind = f"{job.classes}-class classification" if job.classes else "regression"
         mode = ", interpolation mode" if job.interpolation else ""
         ranks = f" on {world} ranks (SyncDataParallel over gloo, each on its shard)" if world > 1 else ""
@@ -392,7 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--checkpoints", type=int, help=f"virtual epochs = checkpoints (default {DEFAULTS['checkpoints']})")
     p_train.add_argument("--run-dir", metavar="DIR", help="checkpoints, metrics.jsonl, config.json "
                                                          "(default runs/<task>-<time>)")
-    p_train.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    p_train.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint "
+                                                               "(default: the newest run of the task under runs/)")
+    p_train.add_argument("--logger", action="append", choices=runs.LOGGERS,
+                         help="also log the records to RUN_DIR/metrics.csv (csv) or TensorBoard event files in "
+                              "RUN_DIR (tensorboard); repeatable; a resumed run keeps its loggers")
     p_train.add_argument("--interpolation", action=argparse.BooleanOptionalAction, default=None,
                          help="interpolation mode: no regularisation, max-error metric (default on for the "
                               "noise-free built-in task, off for --data)")
@@ -419,7 +396,8 @@ class _Stdout(logging.Handler):
     replaced stdout, as under pytest's capture, gets them)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        print(self.format(record), file=sys.stdout, flush=True)
+        tqdm.write(self.format(record), file=sys.stdout)  # above a progress bar, if one is shown
+        sys.stdout.flush()
 
 
 def _show_library_lines() -> None:

@@ -2,14 +2,14 @@
 
 ``Trainer(model, loss_fn, optimizer, train_data, ...).fit()`` trains by virtual epochs
 (:class:`~trainpatterns.checkpoint.VirtualEpochs`: a budget in examples cut into a fixed number of
-checkpoint intervals), feeds array data through the native
-:class:`~trainpatterns.data.PrefetchLoader` (any iterable of batches otherwise), saves the full
-training state at every virtual epoch through :class:`~trainpatterns.checkpoint.CheckpointManager`,
-resumes automatically from ``checkpoint_dir``, validates per virtual epoch (the loss and the user's
-``metrics``), keeps the best checkpoint by ``monitor``/``mode``, appends one JSON line per virtual
-epoch to ``metrics.jsonl``, says one summary line per virtual epoch and shows a tqdm bar. Gradient
-accumulation and mixed precision are in :mod:`._train_step`, evaluation and prediction in
-:mod:`._train_eval`; everything else is a callback (:mod:`trainpatterns.callbacks`).
+checkpoint intervals), feeds array data through the native :class:`~trainpatterns.data.PrefetchLoader`
+(any iterable of batches otherwise), saves the full training state at every virtual epoch through
+:class:`~trainpatterns.checkpoint.CheckpointManager`, resumes automatically from ``checkpoint_dir``,
+validates per virtual epoch (the loss and the user's ``metrics``), keeps the best checkpoint by
+``monitor``/``mode``, appends one JSON line per virtual epoch to ``metrics.jsonl``, says one summary
+line per virtual epoch and shows a tqdm bar. The step is in :mod:`._train_step`, the scheduler's
+stepping in :mod:`._schedule`, evaluation in :mod:`._train_eval`; everything else is a callback
+(:mod:`trainpatterns.callbacks`, :mod:`.loggers`).
 
 Exact resume: with array data the loader position, the RNG states, the optimizer, the scheduler,
 the GradScaler, the plan and the callbacks' state are all in the checkpoint, so a resumed run
@@ -21,8 +21,8 @@ Distributed (torchrun): with ``WORLD_SIZE > 1`` the Trainer joins the job itself
 in :class:`~trainpatterns.distributed.SyncDataParallel`, gives each rank its contiguous shard of
 array data, and makes every decision once: the metrics of a virtual epoch are reduced over the ranks
 and rank 0's record is the one every rank acts on (best checkpoint, schedulers, callbacks), and the
-run stops when any rank's callbacks ask. Only rank 0 speaks and writes ``metrics.jsonl``. The
-other strategies (parameter servers, pipeline stages) keep this loop and swap its step.
+run stops when any rank's callbacks ask. Only rank 0 speaks and writes ``metrics.jsonl``; other
+strategies (parameter servers, pipeline stages) keep this loop and swap its step.
 """
 from __future__ import annotations
 
@@ -77,8 +77,10 @@ class Trainer:
             else 32).
         global_batch_size: examples per optimizer step over all ranks: ``batch_size * world size *
             accumulate``; give this or ``batch_size``.
-        scheduler: an LR scheduler, stepped after every optimizer step; a ``ReduceLROnPlateau`` is
-            stepped once per virtual epoch with the ``monitor`` value. Saved with the state.
+        scheduler: an LR scheduler, saved with the state, stepped as ``scheduler_interval`` says.
+        scheduler_interval: ``"step"`` (after every optimizer step, the default) or ``"epoch"`` (once
+            per virtual epoch); a ``ReduceLROnPlateau`` is stepped once per virtual epoch with the
+            ``monitor`` value either way.
         callbacks: :class:`~trainpatterns.callbacks.Callback` objects (``EarlyStopping``...).
         metrics: ``{name: fn(outputs, targets) -> float}`` computed on validation data, weighted
             by rows over every batch and rank, recorded under ``name``.
@@ -97,7 +99,8 @@ class Trainer:
         resume: restore the latest good checkpoint from ``checkpoint_dir`` at ``fit()`` (default).
         rescale_schedule: when a resume restores a scheduler whose length (``T_max``,
             ``total_iters``) differs from the one built, continue on the one built (warned otherwise).
-        progress: show the tqdm bar and print the summary lines (rank 0); False: log them at INFO.
+        progress: show the tqdm bar (rank 0). The summary lines are INFO records of the
+            ``trainpatterns.train`` logger, written above the bar when logging would not show them.
         seed: the loader's shuffling seed.  num_threads: the loader's gather threads.
         async_save: write checkpoints in the background.
         strategy: under torchrun, ``"sync"`` (SyncDataParallel, the default), ``"async"`` (parameter
@@ -108,6 +111,7 @@ class Trainer:
     def __init__(self, model: nn.Module, loss_fn: Optional[Callable], optimizer: Optional[torch.optim.Optimizer],
                  train_data: Any, val_data: Any = None, checkpoint_dir: Optional[str] = None, plan: Any = None, *,
                  batch_size: Optional[int] = None, global_batch_size: Optional[int] = None, scheduler: Any = None,
+                 scheduler_interval: str = "step",
                  callbacks: Sequence[Callback] = (), metrics: Optional[Mapping[str, Callable]] = None,
                  monitor: Optional[str] = None, mode: str = "min", accumulate: int = 1,
                  precision: Optional[str] = None, compute_loss: Optional[Callable[[nn.Module, Any], torch.Tensor]] = None,
@@ -126,6 +130,7 @@ class Trainer:
         self.loss_fn = loss_fn
         self.compute_loss = compute_loss
         self.scheduler = scheduler
+        self.scheduling = _schedule.SchedulerStepping(scheduler, scheduler_interval)
         self.callbacks = list(callbacks)
         self.metrics = check_metrics(metrics, _RECORD_KEYS)
         self.interpolation = bool(interpolation)
@@ -149,9 +154,9 @@ class Trainer:
         if strategy == "pipeline":
             pipeline_options = _train_pipeline.check(pipeline_options, scheduler, accumulate, compute_loss,
                                                      interpolation)
-        if strategy == "async" and scheduler is not None:
-            raise ValueError("strategy='async': the servers step the scheduler; pass async_options="
-                             "{'scheduler': lambda optimizer: ...} instead of scheduler=")
+        if strategy == "async" and (scheduler is not None or scheduler_interval != "step"):
+            raise ValueError("strategy='async': the servers step the scheduler after every update; pass async_options="
+                             "{'scheduler': lambda optimizer: ...} instead of scheduler= (and no scheduler_interval)")
         self.strategy = strategy
         joined = None
         if strategy == "async":  # no process group: the servers talk over RPC; each process on its own
@@ -197,6 +202,7 @@ class Trainer:
                                                     self.plan.steps_per_epoch, async_options)
         elif strategy == "pipeline":
             self.model, self.optimizer, self.scheduler = _train_pipeline.wrap(model, loss_fn, optimizer, pipeline_options)
+            self.scheduling = _schedule.SchedulerStepping(self.scheduler, scheduler_interval)
             self.module = self.model  # what checkpoints hold: this rank's stage
         else:
             self.model = SyncDataParallel(model) if self.world > 1 else model
@@ -213,11 +219,6 @@ class Trainer:
                                              per_rank=_train_pipeline.PER_RANK if strategy == "pipeline" else ["loader"])
 
     # ----- setup helpers -------------------------------------------------------------------------
-
-    @property
-    def metric(self) -> str:
-        """The monitored record key (the name ``monitor`` had before it could be chosen)."""
-        return self.monitor
 
     def _state(self) -> dict:
         """What a checkpoint holds, in restore order: callbacks first (they may reshape the
@@ -306,7 +307,6 @@ class Trainer:
                        self.plan.num_epochs, ("val_loss", *self.metrics))
         bar.last = self.history[-1] if self.history else {}
         batches = self._batches()
-        plateau = _schedule.is_metric_driven(self.scheduler)
         try:
             for vepoch in self.plan:
                 self.epoch = vepoch.index
@@ -317,8 +317,7 @@ class Trainer:
                 count, rows, t0 = 0, 0, time.perf_counter()
                 for step in vepoch:
                     loss, n = self.stepper(batches)
-                    if self.scheduler is not None and not plateau:
-                        self.scheduler.step()
+                    self.scheduling.after_step()
                     total += loss
                     count += 1
                     rows += n
@@ -329,7 +328,7 @@ class Trainer:
                 if count == 0:
                     continue
                 bar.last = self._end_epoch(vepoch.index, mean_over_ranks(total, count, self.world), rows,
-                                           time.perf_counter() - t0, plateau)
+                                           time.perf_counter() - t0)
                 if self.stop_training:
                     break
         finally:
@@ -343,9 +342,11 @@ class Trainer:
             cb.on_fit_end(self)
         return self.history
 
-    def _end_epoch(self, index: int, train_loss: float, rows: int, elapsed: float, plateau: bool) -> dict:
+    def _end_epoch(self, index: int, train_loss: float, rows: int, elapsed: float,
+                   schedule: bool = True) -> dict:
         """Everything after a virtual epoch's steps, decided once for all ranks: the record, the
-        callbacks, the stop, a metric-driven scheduler, the checkpoint and the log line."""
+        callbacks, the stop, the scheduler's epoch step (not with ``schedule=False``: the async
+        servers step theirs), the checkpoint and the log line."""
         metrics = agree(self._epoch_metrics(index, train_loss, rows, elapsed), self.world)  # times differ by rank
         value = metrics.get(self.monitor)
         if value is not None and math.isfinite(value) and (self.best is None or self._better(value, self.best[self.monitor])):
@@ -354,8 +355,8 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_epoch_end(self, index, metrics)
         self.stop_training = any_rank(self.stop_training, self.world, self.device)
-        if plateau and value is not None:
-            self.scheduler.step(value)
+        if schedule:
+            self.scheduling.after_epoch(value)
         self.history.append(metrics)
         self._save(metrics)
         self._write_metrics(metrics)
@@ -378,7 +379,7 @@ class Trainer:
             metrics["val_loss"] = scores.pop("loss")
             metrics.update(scores)
         if self.interpolation:
-            metrics["max_error"] = self._train_max_error()
+            metrics["max_error"] = max_error(self.module, *self._train_arrays())
         if self.strategy != "async":  # under "async" the servers' optimizers hold the LR
             metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
         metrics["samples_per_s"] = rows * self.world / max(training, 1e-9)
@@ -409,9 +410,6 @@ class Trainer:
         if not (isinstance(data, (tuple, list)) and len(data) == 2 and is_array_data(data)):
             raise ValueError("interpolation mode needs train_data as (inputs, targets) arrays for max_error")
         return tuple(torch.as_tensor(a) for a in data)
-
-    def _train_max_error(self) -> float:
-        return max_error(self.module, *self._train_arrays())
 
     # ----- checkpoints, metrics, progress --------------------------------------------------------
 
