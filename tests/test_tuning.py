@@ -11,10 +11,12 @@ import statistics
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trainpatterns.tuning import (ASHAPruner, CategoricalDistribution, FloatDistribution, GPSampler, GridSampler,
-                                  IntDistribution, RandomSampler, TrialPruned, TrialState, create_study, load_study,
-                                  param_importances)
+                                  IntDistribution, RandomSampler, TrialPruned, TrialState, create_study,
+                                  import_from_optuna, load_study, param_importances)
 from trainpatterns.tuning.gp_model import GaussianProcess, _Encoder, _log_h, warp_outputs
 
 BRANIN_MIN = 0.397887357729738
@@ -656,8 +658,6 @@ def test_study_errors_and_report_argument_order(tmp_path):
     ((0.3, -1), ValueError, "step must be >= 0"),
     ((0.3, True), TypeError, "step must be an int"),
     ((0.3, "4"), TypeError, "step must be an int"),
-    ((float("nan"), 4), ValueError, "value must be finite"),
-    ((float("-inf"), 4), ValueError, "value must be finite"),
     (("0.3", 4), TypeError, "value must be a number"),
     (([0.3], 4), TypeError, "value must be a number"),
     ((None, 4), TypeError, "value must be a number"),
@@ -831,3 +831,197 @@ def test_bad_storage_is_a_value_error_and_creates_nothing(tmp_path, monkeypatch,
         create_study(storage=storage, sampler=RandomSampler())
     assert os.listdir(tmp_path) == ["junk.txt"]
     assert (tmp_path / "junk.txt").read_bytes() == b"plain text, no SQLite header\n" * 50
+
+
+# ----- non-finite reports: stored as Optuna stores them, the worst value at an ASHA rung ------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _same_values(a: dict, b: dict) -> bool:
+    """Intermediate values equal step by step, NaN equal to NaN (and to nothing else)."""
+    return a.keys() == b.keys() and all((math.isnan(x) and math.isnan(b[k])) or x == b[k] for k, x in a.items())
+
+
+def test_report_accepts_nan_and_inf_and_storage_round_trips_them(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    reported = {0: 0.5, 1: NAN, 2: INF, 3: -INF, 4: 1e308}
+    s = create_study(sampler=RandomSampler(seed=0), storage=tmp_path / "s.db", study_name="nf")
+    t = s.ask()
+    t.report(np.float32("nan"), 1)  # numpy and torch scalars convert as finite ones do
+    t.report(torch.tensor(float("inf")), 2)
+    for step, v in reported.items():
+        t.report(v, step)
+    assert not t.should_prune()  # no pruner: never, whatever was reported (Optuna's NopPruner)
+    s.tell(t, 0.25)
+    assert _same_values(t.intermediate_values, reported)
+    # The SQLite file (JSON: NaN / Infinity), read back by a new connection.
+    again = load_study(study_name="nf", storage=tmp_path / "s.db").trials[0]
+    assert _same_values(again.intermediate_values, reported) and again.state is TrialState.COMPLETE
+    # Real Optuna stores the same values through its RDB storage; export and import keep ours.
+    o = optuna.create_study(storage=f"sqlite:///{tmp_path / 'ref.db'}", pruner=optuna.pruners.NopPruner())
+    ot = o.ask()
+    for step, v in reported.items():
+        ot.report(v, step)
+    assert not ot.should_prune()
+    o.tell(ot, 0.25)
+    ref = optuna.load_study(study_name=o.study_name, storage=f"sqlite:///{tmp_path / 'ref.db'}").trials[0]
+    assert _same_values(ref.intermediate_values, reported)
+    exported = s.export_to_optuna(f"sqlite:///{tmp_path / 'out.db'}")
+    assert _same_values(exported.trials[0].intermediate_values, ref.intermediate_values)
+    back = import_from_optuna(f"sqlite:///{tmp_path / 'out.db'}", "nf", to_storage=tmp_path / "back.db")
+    assert _same_values(back.trials[0].intermediate_values, reported)
+
+
+def _nan_after(level: float, start: int, steps: int = 9) -> list:
+    """A curve that diverges: level + 1/step, then NaN from step ``start`` on."""
+    return [level + 1.0 / k if k < start else NAN for k in range(1, steps + 1)]
+
+
+def _report_curves(curves, *, optuna=None, **study_kw):
+    """Run one trial per curve (reports at steps 1..len, pruning checked after each) in our study, or
+    in a real Optuna study with ``optuna`` given; returns {number: (state name, last step)}."""
+    def objective(trial):
+        row = curves[trial.number]
+        for step, v in enumerate(row, 1):
+            trial.report(v, step)
+            if trial.should_prune():
+                raise (optuna.TrialPruned if optuna else TrialPruned)()
+        return row[-1] if math.isfinite(row[-1]) else 0.0
+
+    if optuna is None:
+        s = create_study(sampler=RandomSampler(seed=0), **study_kw)
+    else:
+        s = optuna.create_study(**study_kw)
+    s.optimize(objective, n_trials=len(curves))
+    return {t.number: (t.state.name, t.last_step) for t in s.trials}, s
+
+
+def test_asha_prunes_a_diverged_trial_at_its_rung_as_optunas_successive_halving_does():
+    optuna = pytest.importorskip("optuna")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    # Rungs at steps 1, 3 and 9 of 9. Trial 0 is the best and finishes. Trial 1 turns NaN at step 2:
+    # not stopped there (between rungs) but at step 3. Trial 2 is NaN at step 2 only and recovers:
+    # judged on its finite value at step 3. Trial 3 is NaN at its very first rung, alone or not: stopped.
+    curves = [[1.0 + 1.0 / k for k in range(1, 10)], _nan_after(0.5, 2),
+              [0.2 + 1.0 / k if k != 2 else NAN for k in range(1, 10)], _nan_after(0.1, 1)]
+    ours, s = _report_curves(curves, pruner=ASHAPruner(min_resource=1, reduction_factor=3))
+    theirs, _ = _report_curves(curves, optuna=optuna,
+                               pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3))
+    assert ours == theirs == {0: ("COMPLETE", 9), 1: ("PRUNED", 3), 2: ("COMPLETE", 9), 3: ("PRUNED", 1)}
+    rungs = {t.number: t.system_attrs["asha_rungs"] for t in s.trials}
+    assert rungs[1] == {"0": 1.5, "1": INF} and rungs[3] == {"0": INF}  # recorded as the worst
+    assert rungs[2] == {"0": 1.2, "1": 0.2 + 1.0 / 3, "2": 0.2 + 1.0 / 9}
+    # A diverged trial that is alone at its rung, and one that is below the bootstrap count: stopped.
+    alone, _ = _report_curves([_nan_after(0.0, 1)], pruner=ASHAPruner(bootstrap_count=5))
+    assert alone == {0: ("PRUNED", 1)}
+
+
+@pytest.mark.parametrize("direction, bad", [("minimize", INF), ("minimize", -INF), ("maximize", INF),
+                                            ("maximize", -INF), ("maximize", NAN)])
+def test_asha_ranks_any_non_finite_value_below_every_finite_one(direction, bad):
+    # One rung, at step 1 (eta 2, max_resource 2). Trial 0 is alone there (promoted), trial 1 below it
+    # (stopped), trial 2 reports the non-finite value (stopped in either direction). Trial 3 lies
+    # between trials 0 and 1: it is promoted only because trial 2 counts at the rung, below it (four
+    # values, the top 4 // 2 = 2 go on); left out, or ranked as the best, trial 3 would be stopped.
+    first, second, third = (1.0, 2.0, 1.5) if direction == "minimize" else (2.0, 1.0, 1.5)
+    curves = [[first] * 3, [second] * 3, [bad] * 3, [third] * 3]
+    got, s = _report_curves(curves, direction=direction,
+                            pruner=ASHAPruner(min_resource=1, reduction_factor=2, max_resource=2))
+    assert got == {0: ("COMPLETE", 3), 1: ("PRUNED", 1), 2: ("PRUNED", 1), 3: ("COMPLETE", 3)}
+    assert s.trials[2].system_attrs["asha_rungs"] == {"0": INF}
+    assert s.trials[2].value is None  # a PRUNED trial's value is its last report, when finite
+
+
+def _reference_inline(curves, direction, eta, r0, rate, bootstrap, max_resource):
+    """Hand simulation of inline ASHA over trials run one after another, each reporting every step:
+    a rung's value is the trial's report at the rung's step (signed: lower is better), a non-finite
+    one counts as +inf and stops its trial; a finite one stops when outside the top max(1, n // eta)."""
+    sign = -1.0 if direction == "maximize" else 1.0
+    steps = len(curves[0])
+    rung_steps, k = [], 0
+    while r0 * eta ** (k + rate) <= steps and (max_resource is None or r0 * eta ** (k + rate) < max_resource):
+        rung_steps.append(r0 * eta ** (k + rate))
+        k += 1
+    seen = [[] for _ in rung_steps]
+    out = {}
+    for n, row in enumerate(curves):
+        out[n] = ("COMPLETE" if math.isfinite(row[-1]) else "FAILED", steps)
+        for k, r in enumerate(rung_steps):
+            v = sign * row[r - 1]
+            v = v if math.isfinite(v) else INF
+            seen[k].append(v)
+            if math.isfinite(v) and len(seen[k]) < bootstrap:
+                continue
+            if not math.isfinite(v) or v > sorted(seen[k])[max(1, len(seen[k]) // eta) - 1]:
+                out[n] = ("PRUNED", r)
+                break
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), n_trials=st.integers(1, 9), steps=st.integers(1, 10), eta=st.integers(2, 4),
+       r0=st.integers(1, 3), rate=st.integers(0, 1), bootstrap=st.integers(0, 3), capped=st.booleans(),
+       direction=st.sampled_from(["minimize", "maximize"]))
+def test_asha_with_non_finite_reports_follows_the_hand_schedule(data, n_trials, steps, eta, r0, rate, bootstrap,
+                                                                capped, direction):
+    level = st.sampled_from([0.5, 1.0, 2.0, 3.0, 5.0, NAN, INF, -INF])
+    curves = data.draw(st.lists(st.lists(level, min_size=steps, max_size=steps), min_size=n_trials,
+                                max_size=n_trials))
+    max_resource = max(r0, steps) if capped else None
+
+    def objective(trial):
+        for step, v in enumerate(curves[trial.number], 1):
+            trial.report(v, step)
+            if trial.should_prune():
+                raise TrialPruned()
+        return curves[trial.number][-1]  # non-finite: the trial FAILS, its rung records stay
+
+    s = create_study(direction=direction, sampler=RandomSampler(seed=0),
+                     pruner=ASHAPruner(r0, eta, rate, max_resource=max_resource, bootstrap_count=bootstrap))
+    s.optimize(objective, n_trials=n_trials)
+    got = {t.number: (t.state.name, t.last_step) for t in s.trials}
+    assert got == _reference_inline(curves, direction, eta, r0, rate, bootstrap, max_resource)
+
+
+def test_asha_pause_mode_never_resumes_a_diverged_trial():
+    # Pause mode, rungs at steps 1 and 3 of 9. Three diverged trials fill rung 0 (3 // 3 = 1 to
+    # promote, and the cut is +inf): none of them is resumed. Then three finite trials arrive: of
+    # the six rung values the top 6 // 3 = 2 are the finite 0.5 and 1.0, and only they resume.
+    curves = [[NAN] * 9, [INF] * 9, [NAN] * 9, [1.0] * 9, [0.5] * 9, [2.0] * 9]
+    attempts = []
+
+    def objective(trial):
+        attempts.append((trial.number, trial.attempt))
+        start = max(trial.intermediate_values, default=0)
+        for step in range(start + 1, 10):
+            trial.report(curves[trial.number][step - 1], step)
+            if trial.should_prune():
+                raise TrialPruned()
+        return curves[trial.number][-1]
+
+    s = create_study(sampler=RandomSampler(seed=0), pruner=ASHAPruner(1, 3, max_resource=9, pause=True))
+    s.optimize(objective, n_trials=3)
+    assert [(t.state, t.attempts, t.last_step) for t in s.trials] == [(TrialState.PRUNED, 1, 1)] * 3
+    s.optimize(objective, n_trials=3)
+    resumed = sorted(n for n, a in attempts if a > 1)
+    assert resumed and set(resumed) <= {3, 4}
+    assert all(t.attempts == 1 and t.last_step == 1 for t in s.trials if t.number in (0, 1, 2, 5))
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), n_trials=st.integers(1, 8), steps=st.integers(1, 9), eta=st.integers(2, 3),
+       bootstrap=st.integers(0, 2), direction=st.sampled_from(["minimize", "maximize"]))
+def test_optuna_adapter_judges_non_finite_reports_as_our_asha_does(data, n_trials, steps, eta, bootstrap, direction):
+    optuna = pytest.importorskip("optuna")
+    from trainpatterns.tuning import optuna as tp_optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    level = st.sampled_from([0.5, 1.0, 2.0, NAN, INF, -INF])
+    curves = data.draw(st.lists(st.lists(level, min_size=steps, max_size=steps), min_size=n_trials,
+                                max_size=n_trials))
+    kw = dict(min_resource=1, reduction_factor=eta, bootstrap_count=bootstrap)
+    ours, _ = _report_curves(curves, direction=direction, pruner=ASHAPruner(**kw))
+    theirs, o = _report_curves(curves, optuna=optuna, direction=direction, pruner=tp_optuna.ASHAPruner(**kw))
+    assert {n: ("COMPLETE" if s == "COMPLETE" else s, k) for n, (s, k) in theirs.items()} == ours

@@ -9,6 +9,12 @@ SuccessiveHalvingPruner decides; otherwise it is stopped. ``bootstrap_count``: n
 until it holds that many values. ``ASHAPruner.for_budget(n_trials, max_resource)`` places the rungs
 so that a study of that many trials still finishes several of them.
 
+A NaN or infinite value (a diverging trial's loss) is the worst value there is, in either direction:
+it is recorded at the rung as +inf (so it still counts among the rung's values, below every finite
+one) and its trial is stopped there, never promoted, whatever the bootstrap count. Between rungs
+nothing is decided, as Optuna's SuccessiveHalvingPruner waits for the rung; a trial that recovers a
+finite value before its rung is judged on that.
+
 Two modes:
 
 * ``pause=False`` (default): the decision is taken inline; a promoted trial simply keeps running in
@@ -98,7 +104,10 @@ class ASHAPruner:
         return -1.0 if getattr(study, "direction", "minimize") == "maximize" else 1.0
 
     def _promotable(self, value: float, rung_values: Sequence[float]) -> bool:
-        """Within the top max(1, n // eta) of ``rung_values`` (which includes ``value``); lower is better."""
+        """Within the top max(1, n // eta) of ``rung_values`` (which includes ``value``); lower is better,
+        and a non-finite value is never promotable, even when it is alone at its rung."""
+        if not math.isfinite(value):
+            return False
         ranked = sorted(rung_values)
         cut = ranked[max(1, len(ranked) // self.reduction_factor) - 1]
         return value <= cut
@@ -115,9 +124,13 @@ class ASHAPruner:
     def record_rungs(self, intermediate_values: dict, sign: float, rungs: dict) -> tuple[dict, Optional[int]]:
         """The rung record ``rungs`` ({str(k): signed value}) of a trial whose reports are
         ``intermediate_values``, with the rungs its last report passed added at the last value; and
-        the newest rung added, or None when the last report passed no new rung."""
+        the newest rung added, or None when the last report passed no new rung. A non-finite last
+        value is recorded as +inf, the worst (JSON keeps it: Python's json and Optuna's storages
+        write it as Infinity)."""
         step = max(intermediate_values)
         value = sign * intermediate_values[step]
+        if not math.isfinite(value):
+            value = math.inf
         new = [k for k in range(self._rungs_reached(step)) if str(k) not in rungs]
         if not new:
             return rungs, None
@@ -127,7 +140,7 @@ class ASHAPruner:
         """Whether a trial with the signed rung-``k`` ``value`` stops there, given the rung records
         (``system_attrs["asha_rungs"]``) of the study's other trials ``others`` (inline mode)."""
         values = self._rung_values(others, k) + [value]
-        if len(values) < self.bootstrap_count:
+        if len(values) < self.bootstrap_count and math.isfinite(value):
             return False
         return not self._promotable(value, values)
 
@@ -157,8 +170,12 @@ class ASHAPruner:
             if n_promote == 0:
                 continue
             cut = sorted(values)[n_promote - 1]
-            for t in sorted(trials, key=lambda t: t.system_attrs.get("asha_rungs", {}).get(str(k), math.inf)):
+
+            def at_rung(t: FrozenTrial) -> float:
+                return t.system_attrs.get("asha_rungs", {}).get(str(k), math.inf)
+
+            for t in sorted(trials, key=at_rung):
                 if (t.state is TrialState.PRUNED and t.system_attrs.get("asha_paused") == k
-                        and t.system_attrs["asha_rungs"][str(k)] <= cut):
+                        and math.isfinite(at_rung(t)) and at_rung(t) <= cut):
                     return t.number
         return None

@@ -23,14 +23,13 @@ adapters add the Gaussian-process sampler and the ASHA rule of ``trainpatterns.t
   rule (``trainpatterns.tuning.asha``) to the trial's intermediate values: the rungs a report
   passes are recorded in the trial's system attribute ``asha_rungs`` (through the storage, as
   Optuna's own pruners record theirs), and the trial stops when it is outside the top
-  ``1 / reduction_factor`` of its rung. A non-finite report prunes. Pause mode (resuming pruned
+  ``1 / reduction_factor`` of its rung. A NaN or infinite report is the worst value at its rung: the trial stops there. Pause mode (resuming pruned
   trials) has no Optuna counterpart, so it is not offered.
 
 Single-objective studies only; a multi-objective study is refused with a ValueError.
 """
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 from typing import Any, Optional
 
@@ -115,8 +114,6 @@ class ASHAPruner(optuna.pruners.BasePruner):
         step = trial.last_step
         if step is None:
             return False
-        if not math.isfinite(trial.intermediate_values[step]):
-            return True
         sign = -1.0 if _direction(study) == "maximize" else 1.0
         rungs, k = self.rule.record_rungs(trial.intermediate_values, sign,
                                           dict(trial.system_attrs.get("asha_rungs", {})))

@@ -11,14 +11,15 @@ choices, the pruner's verdict, and writes of the trial's state to storage.
 
 Invariants: a parameter name keeps its kind (float / int / categorical) and, for categoricals, its
 choices across all trials of a study; suggesting the same name twice in one trial returns the same
-value. ``report(value, step)`` takes Optuna's order: a finite number, then the step (the training
-step or epoch: a resource count, an int >= 0). A float step is refused rather than truncated, so a
-call written in the other order with a float value fails instead of swapping the two.
+value. ``report(value, step)`` takes Optuna's order: a number, then the step (the training step
+or epoch: a resource count, an int >= 0). A float step is refused rather than truncated, so a call
+written in the other order with a float value fails instead of swapping the two. NaN and infinite
+values are stored as reported, as Optuna stores them: a diverging trial reports what it sees, and
+ASHA ranks a non-finite value as the worst at its rung.
 """
 from __future__ import annotations
 
 import enum
-import math
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,17 +248,15 @@ class Trial:
     # ----- early stopping --------------------------------------------------------------------------
 
     def report(self, value: float, step: int) -> None:
-        """Record the objective's intermediate ``value`` (a finite number) at ``step`` (an int >= 0),
-        in Optuna's order. Reporting a step again overwrites it (a resumed trial repeating a step)."""
+        """Record the objective's intermediate ``value`` (a number; NaN and infinities are kept, as
+        Optuna keeps them) at ``step`` (an int >= 0), in Optuna's order. Reporting a step again
+        overwrites it (a resumed trial repeating a step)."""
         if isinstance(value, (str, bytes, bool)):
             raise TypeError(f"report(value, step): value must be a number, got {value!r}")
         try:
             v = float(value)
         except (TypeError, ValueError):
             raise TypeError(f"report(value, step): value must be a number, got {value!r}") from None
-        if not math.isfinite(v):
-            raise ValueError(f"report(value, step): value must be finite, got {v}; to stop a diverged trial "
-                             "raise TrialPruned(), or return the value to record the trial as failed")
         try:
             s = operator.index(step)  # ints and integer scalars only: a float step is refused, not truncated
         except TypeError:
@@ -272,13 +271,10 @@ class Trial:
 
     def should_prune(self) -> bool:
         """Ask the study's pruner whether to stop now (raise ``TrialPruned`` if so). Without a pruner,
-        or before any report, always False. A non-finite last value (which only a trial imported from
-        Optuna can hold: ``report`` refuses one) always prunes."""
+        or before any report, always False, whatever was reported (as with Optuna's NopPruner): a NaN
+        or infinite value is the pruner's to judge (ASHA stops it at the trial's next rung)."""
         if not self._intermediate:
             return False
-        last = self._intermediate[max(self._intermediate)]
-        if not math.isfinite(last):
-            return True
         return bool(self.study.ask_pruner(self))
 
     def __repr__(self) -> str:
