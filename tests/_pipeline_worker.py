@@ -106,6 +106,10 @@ def failing(mode: str, rank: int) -> None:
                 pp.step(*batch(step))
             except RuntimeError as again:
                 print(f"rank {rank}: then: {again}", flush=True)
+            if mode == "raise" and rank == 1:  # the failed rank lives on, holding its exception
+                held = e
+                time.sleep(15)
+                del held
             return
 
 

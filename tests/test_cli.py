@@ -12,6 +12,7 @@ import pytest
 
 from trainpatterns import cli
 
+from _cli_run import run, snapshot
 from _ranks import run_ranks
 
 PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__)))
@@ -20,15 +21,6 @@ PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def run(capsys, *argv):
-    rc = cli.main(list(argv))
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-def snapshot(directory):
-    return {os.path.relpath(os.path.join(r, f), directory): open(os.path.join(r, f), "rb").read()
-            for r, _, fs in os.walk(directory) for f in fs}
 
 
 SMALL = ["--steps", "40", "--samples", "256", "--batch-size", "32", "--checkpoints", "4", "--hidden", "16",

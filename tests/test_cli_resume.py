@@ -11,8 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainpatterns import _cli_runs, cli
+from trainpatterns import _cli_runs
 from trainpatterns.pendulum import DEFAULTS, Job
+
+from _cli_run import run, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -20,15 +22,6 @@ SMALL = ["--steps", "20", "--samples", "128", "--batch-size", "32", "--checkpoin
          "--no-progress", "--no-interpolation"]
 
 
-def run(capsys, *argv):
-    rc = cli.main(list(argv))
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-def snapshot(directory):
-    return {os.path.relpath(os.path.join(r, f), directory): open(os.path.join(r, f), "rb").read()
-            for r, _, fs in os.walk(directory) for f in fs}
 
 
 def steps(run_dir) -> list:

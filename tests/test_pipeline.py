@@ -173,7 +173,7 @@ def test_a_failed_stage_fails_the_others_fast(tmp_path, mode):
         lines = [line for line in res[rank][1].splitlines() if line.startswith(f"rank {rank}: ")]
         assert len(lines) == 2, res[rank]
         seconds = float(lines[0].split(" after ")[1].split(" s:")[0])
-        assert seconds < 20, lines[0]
+        assert seconds < 10, lines[0]  # the raising rank lives on for 15 s, holding its exception
         assert "failed during the step" in lines[0] and "then: PipelineParallel: stage" in lines[1]
     if mode == "raise":
         assert "block failed on purpose" in res[1][1]

@@ -217,10 +217,12 @@ def test_an_uncaught_exception_in_a_worker_process_stops_the_study(tmp_path):
     # With the type in catch the study goes on to its budget, as with one worker.
     s.optimize(raising_objective, n_trials=4, n_jobs=2, catch=(FlakyDisk,))
     assert len(s.trials) == len(trials) + 4
-    # An exception that cannot travel back pickled arrives as a RuntimeError carrying its traceback.
+    # An exception whose class wants other arguments than a message arrives as a RuntimeError naming
+    # it, with the worker's traceback as cause.
     u = create_study(storage=tmp_path / "stop.db", study_name="unpicklable", sampler=RandomSampler(seed=2))
-    with pytest.raises(RuntimeError, match=r"cannot be sent back(.|\n)*Unpicklable: bad sector \(7\)"):
+    with pytest.raises(RuntimeError, match=r"a worker process raised .*Unpicklable: bad sector \(7\)") as e:
         u.optimize(raising_objective, n_trials=40, n_jobs=2)
+    assert isinstance(e.value.__cause__, WorkerTraceback) and "Unpicklable" in str(e.value.__cause__)
     assert len(u.trials) < 8 and u.trials[1].state is TrialState.FAILED
 
 

@@ -308,6 +308,15 @@ def load_weights(module: torch.nn.Module, path: PathLike, *, key: Optional[str] 
         return load_module(module, sd, strict, f"weights file {path}")
     if not os.path.isdir(path):
         raise CheckpointError(f"no checkpoint at {path}")
+    spath, key, e, tensors = read_module_entry(path, key)
+    with malformed(path):
+        sd = decode_entry(e, tensors, module.state_dict(), f"{spath}: state[{key!r}]")
+    return load_module(module, sd, strict, f"checkpoint {path} entry {key!r}")
+
+
+def read_module_entry(path: str, key: Optional[str]) -> tuple:
+    """(state.json's path, the entry's name, its record, its stored tensors, checksummed) of the
+    module entry ``key`` of the checkpoint directory ``path`` (None: the one module entry)."""
     with malformed(path):
         manifest = read_manifest(path)
         spath, state_doc = read_doc(path, manifest, "state.json")
@@ -315,5 +324,4 @@ def load_weights(module: torch.nn.Module, path: PathLike, *, key: Optional[str] 
     e = state_doc["entries"][key]
     with malformed(path):
         tensors = read_tensors(path, manifest, e["file"], copy=False) if e.get("file") else {}
-        sd = decode_entry(e, tensors, module.state_dict(), f"{spath}: state[{key!r}]")
-    return load_module(module, sd, strict, f"checkpoint {path} entry {key!r}")
+    return spath, key, e, tensors

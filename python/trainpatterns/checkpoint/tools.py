@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ._format import STEP_DIR, TMP_PREFIX, CheckpointError, decode_tree, fsync_dir, rank_base, write_safetensors
-from .reader import check_files, decode_entry, malformed, module_entry, read_doc, read_manifest, read_tensors
+from .reader import check_files, decode_entry, malformed, read_doc, read_manifest, read_module_entry, read_tensors
 
 __all__ = ["read_checkpoint", "export_weights"]
 
@@ -177,13 +177,8 @@ def export_weights(path: PathLike, out: PathLike, *, key: Optional[str] = None) 
     if os.path.exists(os.path.join(parent, "manifest.json")):
         raise ValueError(f"{out} is inside the checkpoint {parent}: write the weights elsewhere (a checkpoint's "
                          "files are sealed by its manifest)")
+    spath, key, e, stored = read_module_entry(path, key)
     with malformed(path):
-        manifest = read_manifest(path)
-        spath, state_doc = read_doc(path, manifest, "state.json")
-    key = module_entry(path, state_doc["entries"], key)
-    e = state_doc["entries"][key]
-    with malformed(path):
-        stored = read_tensors(path, manifest, e["file"], copy=False) if e.get("file") else {}
         sd = decode_entry(e, stored, None, f"{spath}: state[{key!r}]", place=False)
     bad = [k for k, v in sd.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))] \
         if isinstance(sd, dict) else ["<the whole entry>"]

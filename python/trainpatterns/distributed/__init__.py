@@ -18,7 +18,7 @@ import torch.distributed as dist
 from ._store import env_int as _env_int
 from ._store import incarnation_store as _incarnation_store
 from .async_dp import AsyncDataParallel
-from .pipeline import PipelineParallel
+from .pipeline import PipelineParallel, settle_groups
 from .sync import SyncDataParallel
 
 __all__ = ["init_from_env", "shutdown", "DistInfo", "SyncDataParallel", "AsyncDataParallel", "PipelineParallel"]
@@ -104,5 +104,6 @@ def shutdown() -> None:
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
+    settle_groups()  # the pipelines' own groups, the same race
     dist.barrier()
     dist.destroy_process_group()

@@ -20,9 +20,11 @@ so its neighbours fail at once instead of waiting for the process group's timeou
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import os
+import traceback
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
@@ -38,6 +40,9 @@ from .sync import SyncDataParallel
 __all__ = ["PipelineParallel"]
 
 _SCHEDULES = ("1f1b", "gpipe", "interleaved")
+# Every process group this process made for a pipeline, in creation order (the same on every rank):
+# shutdown() passes a barrier on each before the interpreter ends (see settle_groups).
+_GROUPS: list = []
 log = logging.getLogger("trainpatterns.pipeline")
 
 
@@ -155,6 +160,7 @@ class PipelineParallel(nn.Module):
                 g = dist.new_group(list(range(p, world, width)))
                 if p == self._index:
                     dp = g
+        _GROUPS.extend(g for g in (pipeline, dp) if g is not None)
         return mine, pipeline, dp
 
     def _build(self) -> None:
@@ -293,10 +299,22 @@ class PipelineParallel(nn.Module):
         while cause.__cause__ is not None:  # torch's stages wrap the block's own exception
             cause = cause.__cause__
         self._broken = (f"PipelineParallel: stage {self.stage} (rank {self.rank}) failed during the step: "
-                        f"{type(cause).__name__}: {str(cause).strip()}. The pipeline's process group is closed so that the other stages "
-                        f"fail too instead of waiting; restart from the last checkpoint (torchrun --max-restarts)")
+                        f"{type(cause).__name__}: {str(cause).strip()}. The pipeline's process group is closed "
+                        f"so that the other stages fail too instead of waiting; restart from the last checkpoint "
+                        f"(torchrun --max-restarts)")
+        # gloo closes a group's connections only when its last reference goes (abort() and shutdown()
+        # leave them open): the schedule, its stages and the failed frames' pending transfers (held
+        # by the traceback) hold it. Drop them all, so the neighbours' waits end now.
+        group, self._group, self._schedule = self._group, None, None
+        _GROUPS[:] = [g for g in _GROUPS if g is not group]
+        link: Optional[BaseException] = e
+        while link is not None:
+            traceback.clear_frames(link.__traceback__)
+            link = link.__cause__ or link.__context__
         with contextlib.suppress(Exception):
-            dist.destroy_process_group(self._group)
+            dist.destroy_process_group(group)
+        del group
+        gc.collect()
         raise RuntimeError(self._broken) from e
 
     def eval_step(self, inputs: Any = None, targets: Any = None) -> tuple[Optional[Any], Optional[float]]:
@@ -347,3 +365,16 @@ class PipelineParallel(nn.Module):
                 os.remove(tmp)
             write_safetensors(tmp, whole, {})
             os.replace(tmp, path)
+
+
+def settle_groups() -> None:
+    """A barrier on every pipeline group still open, in creation order (every rank calls it, from
+    ``shutdown()``). After a transfer returns, gloo's worker threads of its group still drop their
+    references to its tensors, which needs the GIL; a process that ends the interpreter first is
+    aborted ("terminate called without an active exception"). The barrier waits for them."""
+    for g in list(_GROUPS):
+        try:
+            dist.barrier(group=g)
+        except (RuntimeError, ValueError):  # a group a failed stage closed, or a peer that is gone
+            pass
+    _GROUPS.clear()

@@ -3,15 +3,19 @@ share the study's SQLite file; and how one worker's exception stops them all.
 
 With ``catch=()`` (the default, as in Optuna) an exception from the objective ends the study: its
 trial is recorded FAILED, every worker finishes the trial it is running and starts no other, and
-``optimize`` raises the exception in the caller. From a worker process it arrives pickled, with the
-worker's traceback as its ``__cause__``; an exception that does not survive pickling becomes a
-RuntimeError carrying that traceback. Workers only need ``study._worker_loop(objective, run)``,
+``optimize`` raises the exception in the caller. From a worker process it arrives as plain data
+(its class's module and name, its message and the worker's traceback, in JSON: the library never
+reads a pickle) and is raised again as the same class with that message when the class is a
+builtin or already imported and takes one message argument, else as a RuntimeError naming it; the
+worker's traceback is its ``__cause__``. Workers only need ``study._worker_loop(objective, run)``,
 which keeps this module free of the study's own.
 """
 from __future__ import annotations
 
+import builtins
+import json
 import multiprocessing as mp
-import pickle
+import sys
 import threading
 import traceback
 from multiprocessing.connection import Connection, wait
@@ -67,15 +71,26 @@ def _process_main(study: Any, objective: Callable, run: Run, conn: Connection) -
         study._worker_loop(objective, run)
     except BaseException as e:
         tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
-        try:
-            blob: Optional[bytes] = pickle.dumps(e)
-            pickle.loads(blob)  # an exception whose __init__ does not take its args fails here
-        except Exception:
-            blob = None
-        conn.send((blob, tb))
+        conn.send_bytes(json.dumps({"module": type(e).__module__, "name": type(e).__qualname__,
+                                    "message": str(e), "traceback": tb}).encode())
         raise
     finally:
         conn.close()
+
+
+def _rebuilt(error: dict) -> BaseException:
+    """The worker's exception in this process: its class (a builtin, or one of a module this process
+    has imported; nothing is imported for it) with its message, else a RuntimeError naming it."""
+    owner = builtins if error["module"] == "builtins" else sys.modules.get(error["module"])
+    cls: Any = owner
+    for part in error["name"].split("."):
+        cls = getattr(cls, part, None)
+    if isinstance(cls, type) and issubclass(cls, BaseException):
+        try:
+            return cls(error["message"])
+        except Exception:  # noqa: BLE001 - a class whose __init__ wants other arguments
+            pass
+    return RuntimeError(f"a worker process raised {error['module']}.{error['name']}: {error['message']}")
 
 
 def run_processes(study: Any, objective: Callable, run: Run, n_jobs: int) -> None:
@@ -87,7 +102,7 @@ def run_processes(study: Any, objective: Callable, run: Run, n_jobs: int) -> Non
 
     def receive(r: Connection) -> bool:
         try:
-            errors.append(r.recv())
+            errors.append(json.loads(r.recv_bytes()))
             return True
         except EOFError:
             readers.remove(r)
@@ -122,10 +137,7 @@ def run_processes(study: Any, objective: Callable, run: Run, n_jobs: int) -> Non
         for r, _ in pipes:
             r.close()
     if errors:
-        blob, tb = errors[0]
-        if blob is None:
-            raise RuntimeError(f"a worker process raised an exception that cannot be sent back:\n{tb}")
-        raise pickle.loads(blob) from WorkerTraceback(tb)
+        raise _rebuilt(errors[0]) from WorkerTraceback(errors[0]["traceback"])
     bad = [p.exitcode for p in procs if p.exitcode != 0]
     if bad:
         raise RuntimeError(f"{len(bad)} of {n_jobs} worker processes exited with errors (exit codes {bad}); "
