@@ -39,8 +39,8 @@ def main() -> None:
                             checkpoint_dir=sys.argv[1], save_every=SAVE_EVERY)
     SERVER.append(adp)
     incarnation = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    if adp.is_server:
-        print(f"incarnation {incarnation}: server starts at version {adp.server.version}", flush=True)
+    if adp.is_server:  # (workers may have pushed already: the version can be ahead of the start)
+        print(f"incarnation {incarnation}: server starts at version {adp.server.start_version}", flush=True)
         adp.serve()
     else:
         g = torch.Generator().manual_seed(adp.rank)

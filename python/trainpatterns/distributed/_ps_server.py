@@ -89,6 +89,7 @@ class ShardServer:
         if checkpoint_dir is not None:
             self.manager = CheckpointManager(os.path.join(checkpoint_dir, f"server_{shard.index}"), keep_last=2)
             self.manager.restore(self._state())
+        self.start_version = self.version  # 0, or the update count of the checkpoint restored
         _SERVERS[shard.index] = self
 
     def _views(self, flats: list) -> list:
