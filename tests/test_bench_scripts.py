@@ -73,3 +73,22 @@ def test_distributed_benchmark_runs_on_two_ranks(name, tmp_path):
     for rank, (code, out, err) in enumerate(results):
         assert code == 0, f"rank {rank} of {name} failed:\n{out[-2000:]}\n{err[-4000:]}"
     check_output(name, 0, results[0][1], results[0][2], out_json)
+
+
+def test_plots_draws_every_sweep_it_finds(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    import plots
+
+    doc = {"sweeps": [{"name": "a", "title": "A", "x": "n", "y": "s",
+                       "series": {"ours": [[10, 1e-3], [1000, 2e-3]], "torch": [[10, 4e-3], [1000, 9e-3]]}},
+                      {"name": "b", "series": {"ours": [[1, 1.0], [2, 3.0]]}}]}
+    (tmp_path / "x.json").write_text(json.dumps(doc))
+    (tmp_path / "none.json").write_text(json.dumps({"rows": []}))
+    assert plots.main([str(tmp_path / "x.json"), str(tmp_path / "none.json"), "--out", str(tmp_path / "png")]) == 0
+    import matplotlib.image as mpimg
+
+    for name in ("a", "b"):
+        img = mpimg.imread(tmp_path / "png" / f"{name}.png")
+        assert img.shape[0] > 100 and img.std() > 0.01  # drawn, not blank
+    assert plots.main([str(tmp_path / "none.json"), "--out", str(tmp_path / "png2")]) == 1
+    assert not (tmp_path / "png2").exists()
