@@ -1,13 +1,25 @@
 """Bayesian optimisation with a Gaussian process: ``GPSampler``.
 
 The first ``n_startup_trials`` observations are random (i.i.d. uniform; scrambled Sobol with
-``sobol_startup=True``). After that, every trial fits the GP of ``gp_model`` to the observed trials
-over the parameters every COMPLETE trial shares: a Matern-5/2 ARD kernel on inputs scaled to [0, 1],
-outputs warped by a fitted Yeo-Johnson transform, and a bowl-shaped prior mean rising towards the
-faces of the cube. The next point maximises log expected improvement: the best of ``n_candidates``
-scrambled Sobol points, refined by ``n_local_search`` gradient searches inside the [0, 1] box over
-the continuous columns. Trials still running enter as fantasies at the posterior mean, so parallel
-workers spread out. Parameters outside the shared space (conditional ones) are sampled uniformly.
+``sobol_startup=True``). After that, every trial models the observed trials with the GP of
+``gp_model`` over the parameters every COMPLETE trial shares: a Matern-5/2 ARD kernel on inputs
+scaled to [0, 1], outputs warped by a fitted Yeo-Johnson transform, and a bowl-shaped prior mean
+rising towards the faces of the cube. The next point maximises log expected improvement: the best of
+``n_candidates`` scrambled Sobol points, refined by ``n_local_search`` gradient searches inside the
+[0, 1] box over the continuous columns. Parameters outside the shared space (conditional ones) are
+sampled uniformly.
+
+Large studies: the kernel parameters are refitted (from the last fit) at every trial up to 100
+observations, then once the observations have grown by ``refit_growth`` (1%) since the last fit:
+every 3rd trial at 300, every 10th at 1000. One more observation barely moves them, and a fit at a
+thousand trials costs half a second. In between, the new observations extend the previous GP's
+Cholesky factor, O(n^2) per observation instead of a new O(n^3) factorisation.
+
+Parallel workers: trials still RUNNING enter as fantasies at the posterior mean (kriging believer),
+at the values they suggested, else their fixed ones, else the proposal stored when they started
+(``system_attrs["proposal"]``); the fantasies count for the incumbent, so expected improvement
+vanishes at and next to them. The study lets workers propose one at a time (``serial_proposals``),
+so workers that claim together still see each other's points.
 
 Pruned trials count (``learn_from_pruned=True``): a PRUNED trial with a finite last reported value
 is an observation at that value, as if the trial had ended there. For a training loss that falls
@@ -56,14 +68,22 @@ class GPSampler(Sampler):
     gradient tolerance of 1e-2, at most 200 iterations).
     threads: BLAS threads while proposing (restored afterwards; 0 leaves the setting alone).
     learn_from_pruned: PRUNED trials enter the model at their last reported value (module docstring).
+    refit_growth: refit the kernel parameters once the observations have grown by this fraction
+    since the last fit (at least one new observation; 0: at every trial; module docstring).
     """
+
+    serial_proposals = True  # the study proposes one trial at a time, so each sees the others as pending
 
     def __init__(self, seed: Optional[int] = None, *, n_startup_trials: int = 10, deterministic_objective: bool = False,
                  n_candidates: int = 2048, n_local_search: int = 10, fit_iterations: int = 200,
                  acq_iterations: int = 200, threads: int = 1, sobol_startup: bool = False,
-                 warp_outputs: bool = True, quadratic_mean: bool = True, learn_from_pruned: bool = True) -> None:
+                 warp_outputs: bool = True, quadratic_mean: bool = True, learn_from_pruned: bool = True,
+                 refit_growth: float = 0.01) -> None:
         if n_startup_trials < 1:
             raise ValueError(f"n_startup_trials must be >= 1, got {n_startup_trials}")
+        if isinstance(refit_growth, bool) or not (isinstance(refit_growth, (int, float))
+                                                  and 0.0 <= refit_growth <= 1.0):
+            raise ValueError(f"refit_growth must be a fraction in [0, 1], got {refit_growth!r}")
         for name, value, low in (("n_candidates", n_candidates, 1), ("n_local_search", n_local_search, 0),
                                  ("fit_iterations", fit_iterations, 1), ("acq_iterations", acq_iterations, 0)):
             if int(value) < low:
@@ -80,8 +100,15 @@ class GPSampler(Sampler):
         self.warp_outputs = bool(warp_outputs)
         self.quadratic_mean = bool(quadratic_mean)
         self.learn_from_pruned = bool(learn_from_pruned)
+        self.refit_growth = float(refit_growth)
         self._startup = RandomSampler(self.seed, sobol=self.sobol_startup)
-        self._warm: dict = {}  # space key -> last fitted raw kernel parameters (list of floats)
+        self._warm: dict = {}  # space key -> (last fitted raw kernel parameters, observations then)
+        self._last: Optional[GaussianProcess] = None  # the last proposal's GP, whose factor may be extended
+
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        d["_last"] = None  # n x n matrices: a worker process builds its own
+        return d
 
     def sample_independent(self, study: Any, number: int, name: str, dist: Distribution,
                            history: Sequence[FrozenTrial]) -> Any:
@@ -110,12 +137,15 @@ class GPSampler(Sampler):
         space = self.model_space(history)
         if not space:
             return self._startup.before_trial(study, number, history)
-        seen = self.observations(history, space)
+        # In the order they finished: the newest observations are then the last rows, and the
+        # previous proposal's factor extends to them.
+        seen = sorted(self.observations(history, space),
+                      key=lambda t: (t.datetime_complete is None, t.datetime_complete or 0.0, t.number))
         sign = -1.0 if getattr(study, "direction", "minimize") == "maximize" else 1.0
+        pending = [_pending_point(t, space) for t in history if t.state is TrialState.RUNNING]
         with blas_threads(self.threads):
             return self.propose(space, [t.params for t in seen], [sign * t.value for t in seen],
-                                [t.params for t in history if t.state is TrialState.RUNNING
-                                 and all(k in t.params for k in space)], number,
+                                [p for p in pending if p is not None], number,
                                 pruned=[t.state is TrialState.PRUNED for t in seen])
 
     def propose(self, space: dict, params: Sequence[dict], values: Sequence[float], pending: Sequence[dict],
@@ -129,20 +159,43 @@ class GPSampler(Sampler):
         x = np.array([enc.encode(p) for p in params], dtype=np.float64).reshape(len(params), enc.dim)
         y = np.array(values, dtype=np.float64)
         y = warp_outputs(y) if self.warp_outputs else standardise_or_centre(y)
-        key = tuple((k, repr(d)) for k, d in space.items())
-        init = self._warm.get(key)
-        gp = GaussianProcess.fit(x, y, deterministic=self.deterministic_objective,
-                                 init=None if init is None else np.array(init), iterations=self.fit_iterations,
-                                 mean_columns=enc.continuous if self.quadratic_mean else None)
-        self._warm[key] = gp.raw.tolist()
+        gp = self._model(tuple((k, repr(d)) for k, d in space.items()), x, y, enc)
         final = ~np.array(pruned, dtype=bool) if len(pruned) else np.ones(len(y), dtype=bool)
         if not final.any():
             final[:] = True
+        best = float(y[final].min())
         if pending:
+            # Kriging believer: each pending point observed at its posterior mean, which also
+            # counts for the incumbent, so expected improvement vanishes there and next to it.
             xp = np.array([enc.encode(p) for p in pending], dtype=np.float64)
-            gp = gp.condition_on(xp, gp.posterior(xp)[0])
-        row = self._maximise_acquisition(gp, enc, float(y[final].min()), x[final], y[final], number)
+            fantasy = gp.posterior(xp)[0]
+            gp = gp.condition_on(xp, fantasy)
+            best = min(best, float(fantasy.min()))
+        row = self._maximise_acquisition(gp, enc, best, x[final], y[final], number)
         return enc.decode(row.tolist())
+
+    def _model(self, key: tuple, x: np.ndarray, y: np.ndarray, enc: _Encoder) -> GaussianProcess:
+        """The GP for this proposal. Its kernel parameters are refitted, from the last fit on this space,
+        once the observations have grown by ``refit_growth`` (at least one) since that fit; until
+        then the last fit's parameters stay, and the previous GP's factor is extended by the new
+        rows when its inputs are the first rows of ``x`` (O(n^2) instead of O(n^3)). Also refitted
+        when the new rows make the kept kernel numerically singular."""
+        n = len(y)
+        warm = self._warm.get(key)
+        opts = dict(deterministic=self.deterministic_objective,
+                    mean_columns=enc.continuous if self.quadratic_mean else None)
+        gp = None
+        if warm is not None and 0 <= n - warm[1] < max(1.0, self.refit_growth * warm[1]):
+            try:
+                gp = GaussianProcess(x, y, np.array(warm[0]), extends=self._last, **opts)
+            except np.linalg.LinAlgError:
+                gp = None
+        if gp is None:
+            gp = GaussianProcess.fit(x, y, init=None if warm is None else np.array(warm[0]),
+                                     iterations=self.fit_iterations, **opts)
+            self._warm[key] = (gp.raw.tolist(), n)
+        self._last = gp
+        return gp
 
     def _maximise_acquisition(self, gp: GaussianProcess, enc: _Encoder, best: float, x: np.ndarray,
                               y: np.ndarray, number: int) -> np.ndarray:
@@ -220,3 +273,13 @@ class GPSampler(Sampler):
         out = x0.copy()
         out[:, cont] = np.clip(z * ls, 0.0, 1.0)
         return out, np.where(np.isfinite(f), f, -np.inf)
+
+
+def _pending_point(trial: FrozenTrial, space: dict) -> Optional[dict]:
+    """Where a RUNNING trial evaluates the objective, over ``space``: the values it suggested, else
+    its fixed ones (enqueued, grid), else the sampler's proposal stored when it started; None when a
+    parameter is missing or outside its distribution."""
+    point = {**trial.system_attrs.get("proposal", {}), **trial.system_attrs.get("fixed_params", {}), **trial.params}
+    if all(k in point and d.contains(point[k]) for k, d in space.items()):
+        return {k: point[k] for k in space}
+    return None

@@ -1,13 +1,11 @@
 """The Gaussian-process model behind ``GPSampler``: the kernel, the fit of its parameters, log
-expected improvement, the output warping, and the encoding of parameters as points of [0, 1]^D.
+expected improvement. (Its inputs and outputs, encoded and warped: ``gp_data``.)
 
-Float64 numpy/scipy throughout: the matrices are (trials x trials), so the cost is per-call
-overhead, which numpy keeps low.
+Float64 numpy/scipy throughout. The matrices are (trials x trials): at a hundred trials the cost is
+per-call overhead, at a thousand the O(n^3) factorisations and the passes over n x n matrices, so
+the likelihood needs no n x n x D array, and the factor is extended rather than recomputed where
+the kernel parameters stay (``GaussianProcess(extends=...)``).
 
-* Inputs (``_Encoder``): log parameters in log space, ints and stepped floats relaxed to a
-  continuous interval and rounded back, categoricals one-hot; every column in [0, 1].
-* Outputs (``warp_outputs``): standardised, Yeo-Johnson transformed with the maximum-likelihood
-  lambda, standardised again. Monotone, so the incumbent is unchanged.
 * Prior mean: m(x) = c + b * sum_d (x_d - 1/2)^2 over the continuous columns (a bowl rising towards
   the faces of the cube), b >= 0, (c, b) by generalised least squares given the fitted kernel
   (b = 0 when the data do not support a positive one).
@@ -25,17 +23,16 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 import numpy as np
 import scipy.linalg
 import scipy.optimize
 import scipy.special
-import scipy.stats
-from scipy.stats import qmc
 from threadpoolctl import ThreadpoolController
 
-from .space import CategoricalDistribution
+# Re-exported: the sampler, the importance module and the tests take the whole model from here.
+from .gp_data import _Encoder, sobol_points, standardise, standardise_or_centre, warp_outputs  # noqa: F401
 
 __all__ = ["GaussianProcess", "log_expected_improvement", "warp_outputs", "standardise",
            "standardise_or_centre", "sobol_points", "blas_threads"]
@@ -83,62 +80,47 @@ def log_expected_improvement(mean: np.ndarray, var: np.ndarray, best: float) -> 
     return np.log(sigma) + _log_h((best - mean) / sigma)
 
 
-_MAX_LAMBDA = 5.0  # |Yeo-Johnson lambda| cap: beyond it the power overflows long before it helps
-
-
-def standardise(y: np.ndarray) -> Optional[np.ndarray]:
-    """(y - mean) / std, or None when the values are constant or not finite."""
-    std = float(y.std())
-    if not (std > 0 and math.isfinite(std)):
-        return None
-    return (y - y.mean()) / std
-
-
-def standardise_or_centre(y: np.ndarray) -> np.ndarray:
-    """``standardise(y)``, or ``y - mean`` where that is None (a zero or non-finite spread)."""
-    z = standardise(y)
-    return y - y.mean() if z is None else z
-
-
-def warp_outputs(y: np.ndarray) -> np.ndarray:
-    """The values the GP models: ``y`` standardised, Yeo-Johnson transformed with the lambda of
-    maximum likelihood (scipy's ``yeojohnson_normmax``, clipped to +-5), standardised again.
-
-    Monotone increasing, so the order of the values (the incumbent) is kept. Zeros when ``y`` is
-    constant; the standardised values alone when the transform fails or degenerates."""
-    y = np.asarray(y, dtype=np.float64)
-    z = standardise(y)
-    if z is None:
-        return np.zeros_like(y)
-    try:
-        with np.errstate(all="ignore"):
-            lam = float(np.clip(scipy.stats.yeojohnson_normmax(z), -_MAX_LAMBDA, _MAX_LAMBDA))
-            w = standardise(scipy.stats.yeojohnson(z, lmbda=lam))
-    except (ValueError, FloatingPointError, ArithmeticError):
-        return z
-    return z if w is None or not np.all(np.isfinite(w)) else w
-
-
-def sobol_points(dim: int, n: int, seed: Any) -> np.ndarray:
-    """``n`` points of a scrambled Sobol sequence in [0, 1)^dim: the first n of the next power of
-    two (scipy warns about unbalanced draws of other sizes, once per call)."""
-    return qmc.Sobol(dim, scramble=True, seed=seed).random_base2(max(0, (n - 1).bit_length()))[:n]
-
-
 def _matern52(d2: np.ndarray, signal: float) -> tuple[np.ndarray, np.ndarray]:
     """signal * (1 + sqrt5 r + 5/3 r^2) exp(-sqrt5 r) at scaled squared distances ``d2`` = r^2, and
-    its derivative with respect to d2: -(5/6) signal (1 + sqrt5 r) exp(-sqrt5 r)."""
-    r = np.sqrt(np.maximum(d2, 0.0))
-    e = np.exp(-_SQRT5 * r)
-    return signal * (1 + _SQRT5 * r + (5.0 / 3.0) * d2) * e, (-5.0 / 6.0) * signal * (1 + _SQRT5 * r) * e
+    its derivative with respect to d2: -(5/6) signal (1 + sqrt5 r) exp(-sqrt5 r). In place on fresh
+    temporaries: at a thousand trials each pass over the n x n matrices is a few milliseconds."""
+    t = np.sqrt(d2)
+    t *= _SQRT5
+    e = np.exp(-t)
+    t += 1.0
+    t *= e  # (1 + sqrt5 r) e
+    k = d2 * e
+    k *= 5.0 / 3.0
+    k += t
+    k *= signal
+    t *= -5.0 / 6.0 * signal
+    return k, t
 
 
-def _inverse_from_cholesky(chol: np.ndarray) -> np.ndarray:
-    """K^-1 from K's lower Cholesky factor (LAPACK potri: a third of the flops of two solves)."""
-    inv, info = scipy.linalg.lapack.dpotri(chol, lower=1)
+def _lower_inverse(chol: np.ndarray) -> np.ndarray:
+    """L^-1 of a lower Cholesky factor (LAPACK trtri), zeros above the diagonal."""
+    inv, info = scipy.linalg.lapack.dtrtri(chol, lower=1)
     if info != 0:
-        raise np.linalg.LinAlgError(f"potri failed (info={info})")
-    return np.tril(inv) + np.tril(inv, -1).T
+        raise np.linalg.LinAlgError(f"trtri failed (info={info})")
+    return inv
+
+
+def _times_lower_t(a: np.ndarray, low: np.ndarray) -> np.ndarray:
+    """a @ low.T for a lower-triangular ``low`` (BLAS trmm: reads only the triangle, half the work of
+    a general product). ``low`` column-major, as LAPACK returns factors: any other layout is copied
+    on every call."""
+    return scipy.linalg.blas.dtrmm(1.0, low, a, side=1, lower=1, trans_a=1)
+
+
+def _times_lower(a: np.ndarray, low: np.ndarray) -> np.ndarray:
+    """a @ low for a lower-triangular, column-major ``low`` (BLAS trmm, as ``_times_lower_t``)."""
+    return scipy.linalg.blas.dtrmm(1.0, low, a, side=1, lower=1, trans_a=0)
+
+
+def _pair_sums(mv: np.ndarray, xc: np.ndarray) -> np.ndarray:
+    """sum_ij M_ij (x_il - x_jl)^2 per column l, for a symmetric M given as mv = M @ [1, x]: expanding
+    the square, 2 sum_i x_il^2 (M 1)_i - 2 sum_i x_il (M x)_il."""
+    return 2.0 * (xc * xc * mv[:, :1]).sum(0) - 2.0 * (xc * mv[:, 1:]).sum(0)
 
 
 class GaussianProcess:
@@ -147,15 +129,28 @@ class GaussianProcess:
     ``x``: (n, D) float64, ``y``: (n,) float64. ``raw``: log inverse squared lengthscales (D), log
     signal variance, log(noise - 1e-6) (ignored with ``deterministic``: the noise is 1e-6).
     ``mean_columns``: (D,) bool, the columns of the quadratic prior mean (module docstring); None:
-    a zero prior mean. ``mean_coef``: its (c, b) fixed instead of estimated (fantasies keep them)."""
+    a zero prior mean. ``mean_coef``: its (c, b) fixed instead of estimated (fantasies keep them).
+    ``extends``: a GP with the same kernel parameters whose inputs are the first rows of ``x``; its
+    factor is extended by the new rows (O(n^2) per row) instead of refactorised (O(n^3))."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray, raw: np.ndarray, *, deterministic: bool,
-                 mean_columns: Optional[np.ndarray] = None, mean_coef: Optional[tuple] = None) -> None:
+                 mean_columns: Optional[np.ndarray] = None, mean_coef: Optional[tuple] = None,
+                 extends: Optional["GaussianProcess"] = None) -> None:
         self.x = np.ascontiguousarray(x, dtype=np.float64)
         self.y = np.ascontiguousarray(y, dtype=np.float64)
         self.deterministic = deterministic
         self.mean_columns = None if mean_columns is None else np.asarray(mean_columns, dtype=bool)
-        self.set_params(raw, mean_coef)
+        self.raw = np.array(raw, dtype=np.float64)
+        self.inv_sq_ls, self.signal, self.noise = self.unpack(self.raw, self.deterministic)
+        self.scale = np.sqrt(self.inv_sq_ls)
+        self.xw = self.x * self.scale
+        self.xw_sq = (self.xw * self.xw).sum(1)
+        # Prediction needs L^-1 k* (L the Cholesky factor of K): a product with the cached L^-1 is
+        # cheaper than a triangular solve per call, and stable in float64 with the noise floor of
+        # 1e-6. Solves with K are two products with it: K^-1 v = L^-T (L^-1 v). Column-major, for BLAS.
+        self.chol_inv = self._extended_factor(extends) if self._extends(extends) else self._factor()
+        self.mean_coef = self._estimate_mean() if mean_coef is None else (float(mean_coef[0]), float(mean_coef[1]))
+        self.alpha = self.solve(self.y - self.prior_mean(self.x))
 
     @staticmethod
     def unpack(raw: np.ndarray, deterministic: bool) -> tuple[np.ndarray, float, float]:
@@ -164,65 +159,108 @@ class GaussianProcess:
         return np.exp(raw[:d]), math.exp(raw[d]), noise
 
     @staticmethod
-    def sq_diffs(x: np.ndarray) -> np.ndarray:
-        """(x_i - x_j)^2 per column, flattened to (n*n, D): computed once per fit, so each likelihood
-        evaluation's distances are one matrix-vector product with the inverse squared lengthscales."""
-        return ((x[:, None, :] - x[None, :, :]) ** 2).reshape(-1, x.shape[1])
-
-    @staticmethod
-    def loss_and_grad(raw: np.ndarray, sqd: np.ndarray, y: np.ndarray,
+    def loss_and_grad(raw: np.ndarray, x: np.ndarray, y: np.ndarray,
                       deterministic: bool) -> tuple[float, np.ndarray]:
-        """-(log marginal likelihood + log prior) of the kernel parameters ``raw`` and its gradient,
-        in closed form (``sqd`` from ``sq_diffs`` of the inputs)."""
+        """-(log marginal likelihood + log prior) of the kernel parameters ``raw`` on inputs ``x``
+        (n x D) and outputs ``y``, and its gradient, in closed form.
+
+        No n x n x D array of per-column distances: every term of the gradient is a sum over pairs
+        that reduces to products of n x n matrices with n x (D + 1) ones (``_pair_sums``), and the
+        signal and noise terms to traces, so memory stays O(n^2) and each evaluation is one kernel
+        matrix, one Cholesky factorisation and one inverse."""
         d = raw.shape[0] - 2
         n = y.shape[0]
         a, s = np.exp(raw[:d]), math.exp(raw[d])
         noise = _MIN_NOISE if deterministic else _MIN_NOISE + math.exp(raw[d + 1])
-        kf, dk_dd2 = _matern52((sqd @ a).reshape(n, n), s)
-        k = kf.copy()
+        # Centred inputs: the pair sums are differences of terms that grow with |x|^2.
+        xc = x - 0.5
+        xw = xc * np.sqrt(a)
+        sq = (xw * xw).sum(1)
+        k, dk_dd2 = _matern52(np.maximum(sq[:, None] + sq - 2.0 * (xw @ xw.T), 0.0), s)
         k.flat[:: n + 1] += noise
         chol = scipy.linalg.cholesky(k, lower=True, check_finite=False)
-        k_inv = _inverse_from_cholesky(chol)
-        alpha = k_inv @ y
+        # The lower triangle of K^-1; the upper stays zero (cholesky cleared it), so the symmetric
+        # matrix is low + low' - diag(low).
+        inv_low, info = scipy.linalg.lapack.dpotri(chol, lower=1)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"potri failed (info={info})")
+        alpha = scipy.linalg.cho_solve((chol, True), y, check_finite=False)
+        inv_diag = np.diagonal(inv_low).copy()
+        y_alpha, alpha_sq, tr_inv = float(y @ alpha), float(alpha @ alpha), float(inv_diag.sum())
         # NLL = y' K^-1 y / 2 + log det K / 2 + n log sqrt(2 pi); log prior as in the module docstring.
-        nll = 0.5 * float(y @ alpha) + float(np.log(np.diagonal(chol)).sum()) + n * _LOG_SQRT_2PI
+        nll = 0.5 * y_alpha + float(np.log(np.diagonal(chol)).sum()) + n * _LOG_SQRT_2PI
         log_prior = -float((0.1 / a + 0.1 * a).sum()) + math.log(s) - s
         if not deterministic:
             log_prior += 0.1 * math.log(noise) - 30.0 * noise
-        # dNLL/dK = (K^-1 - alpha alpha') / 2; each kernel entry depends on a through d2 = sqd @ a.
-        w = 0.5 * (k_inv - np.outer(alpha, alpha))
-        g_a = sqd.T @ (w * dk_dd2).reshape(-1)
+        # dNLL/dK = W = (K^-1 - alpha alpha') / 2, and dK_ij/da_l = dk/dd2_ij (x_il - x_jl)^2, so
+        # dNLL/da_l = sum_ij W_ij dk/dd2_ij (x_il - x_jl)^2: the K^-1 part and the alpha part separately.
+        v = np.column_stack([np.ones(n), xc])
+        q = inv_low * dk_dd2
+        mv = q @ v + q.T @ v - (np.diagonal(q)[:, None] * v)
+        # (diag(alpha) dK diag(alpha)) @ v = alpha * (dK @ (alpha * v)).
+        av = alpha[:, None] * (dk_dd2 @ (alpha[:, None] * v))
+        g_a = 0.5 * (_pair_sums(mv, xc) - _pair_sums(av, xc))
         grad = np.empty_like(raw)
         # Chain rule through a = exp(raw): d/draw = a * d/da; prior terms enter with a minus sign.
         grad[:d] = (g_a - (0.1 / (a * a) - 0.1)) * a
-        grad[d] = float((w * kf).sum()) - (1.0 - s)
+        # dK/draw_s = K - noise I: sum(W * (K - noise I)) = (n - y'alpha - noise (tr K^-1 - alpha'alpha)) / 2.
+        tr_w = 0.5 * (tr_inv - alpha_sq)
+        grad[d] = 0.5 * (n - y_alpha) - noise * tr_w - (1.0 - s)
         if deterministic:
             grad[d + 1] = 0.0
         else:
-            grad[d + 1] = (float(np.trace(w)) - (0.1 / noise - 30.0)) * (noise - _MIN_NOISE)
+            grad[d + 1] = (tr_w - (0.1 / noise - 30.0)) * (noise - _MIN_NOISE)
         return nll - log_prior, grad
 
-    def set_params(self, raw: np.ndarray, mean_coef: Optional[tuple] = None) -> None:
-        self.raw = np.array(raw, dtype=np.float64)
-        self.inv_sq_ls, self.signal, self.noise = self.unpack(self.raw, self.deterministic)
+    def _extends(self, base: Optional["GaussianProcess"]) -> bool:
+        """Whether ``base`` has this kernel and this GP's first inputs, so its factor can be extended."""
+        if base is None or base.deterministic != self.deterministic or not np.array_equal(base.raw, self.raw):
+            return False
+        m = base.x.shape[0]
+        return 0 < m <= self.x.shape[0] and np.array_equal(base.x, self.x[:m])
+
+    def _kernel(self, xsw: np.ndarray, xsw_sq: np.ndarray) -> np.ndarray:
+        """The kernel between lengthscale-scaled rows ``xsw`` (squared norms ``xsw_sq``, m x 1) and
+        the training inputs (m x n), without the noise."""
+        return _matern52(self._scaled_d2(xsw, xsw_sq), self.signal)[0]
+
+    def _factor(self) -> np.ndarray:
         n = self.x.shape[0]
-        self.scale = np.sqrt(self.inv_sq_ls)
-        self.xw = self.x * self.scale
-        self.xw_sq = (self.xw * self.xw).sum(1)
-        k = _matern52(self._scaled_d2(self.xw, self.xw_sq[:, None]), self.signal)[0]
+        k = self._kernel(self.xw, self.xw_sq[:, None])
         k.flat[:: n + 1] += self.noise
-        chol = scipy.linalg.cholesky(k, lower=True, check_finite=False)
-        self.mean_coef = self._estimate_mean(chol) if mean_coef is None else (float(mean_coef[0]), float(mean_coef[1]))
-        self.alpha = scipy.linalg.cho_solve((chol, True), self.y - self.prior_mean(self.x), check_finite=False)
-        # Prediction needs L^-1 k*: one matrix product with L^-1 (cached) is cheaper than a
-        # triangular solve per call, and stable in float64 with the noise floor of 1e-6.
-        self.chol_inv = scipy.linalg.solve_triangular(chol, np.eye(n), lower=True, check_finite=False)
+        return _lower_inverse(scipy.linalg.cholesky(k, lower=True, check_finite=False))
+
+    def _extended_factor(self, base: "GaussianProcess") -> np.ndarray:
+        """L^-1 of [[K11, K21'], [K21, K22]] from base's L11^-1: with B = K21 L11^-T and C the Cholesky
+        factor of K22 - B B', L = [[L11, 0], [B, C]] and L^-1 = [[L11^-1, 0], [-C^-1 B L11^-1, C^-1]].
+        A refactorisation when the Schur complement is not numerically positive definite."""
+        m, n = base.x.shape[0], self.x.shape[0]
+        if m == n:
+            return base.chol_inv
+        k = self._kernel(self.xw[m:], self.xw_sq[m:, None])
+        new = np.arange(n - m)
+        k[new, m + new] += self.noise
+        b = _times_lower_t(k[:, :m], base.chol_inv)
+        try:
+            c_inv = _lower_inverse(scipy.linalg.cholesky(k[:, m:] - b @ b.T, lower=True, check_finite=False))
+        except np.linalg.LinAlgError:
+            return self._factor()
+        out = np.zeros((n, n), order="F")
+        out[:m, :m] = base.chol_inv
+        out[m:, m:] = c_inv
+        out[m:, :m] = -c_inv @ _times_lower(b, base.chol_inv)
+        return out
+
+    def solve(self, v: np.ndarray) -> np.ndarray:
+        """K^-1 v (v: n or n x k) through the cached L^-1."""
+        w = self.chol_inv @ v
+        return self.chol_inv.T @ w
 
     def _bowl(self, xs: np.ndarray) -> np.ndarray:
         """sum over the mean's columns of (x_d - 1/2)^2, per row of ``xs``."""
         return ((xs[:, self.mean_columns] - 0.5) ** 2).sum(1)
 
-    def _estimate_mean(self, chol: np.ndarray) -> tuple[float, float]:
+    def _estimate_mean(self) -> tuple[float, float]:
         """(c, b) of the prior mean by generalised least squares, beta = (H' K^-1 H)^-1 H' K^-1 y
         with H = [1, bowl(x)]: correlated (clustered) observations count less than spread ones.
         b < 0 (a mean falling towards the faces) or a singular system: b = 0 and c by GLS alone."""
@@ -230,7 +268,7 @@ class GaussianProcess:
             return 0.0, 0.0
         n = self.x.shape[0]
         h = np.stack([np.ones(n), self._bowl(self.x)], 1)
-        kh = scipy.linalg.cho_solve((chol, True), h, check_finite=False)
+        kh = self.solve(h)
         gram, rhs = h.T @ kh, kh.T @ self.y
         if self.mean_columns.any() and abs(np.linalg.det(gram)) > 1e-12 * gram[0, 0] * gram[1, 1]:
             c, b = np.linalg.solve(gram, rhs)
@@ -250,10 +288,10 @@ class GaussianProcess:
         return np.maximum(xsw_sq + self.xw_sq - 2.0 * (xsw @ self.xw.T), 0.0)
 
     def condition_on(self, x_new: np.ndarray, y_new: np.ndarray) -> "GaussianProcess":
-        """The same kernel with extra (fantasy) observations."""
+        """The same kernel with extra (fantasy) observations (this GP's factor, extended)."""
         return GaussianProcess(np.concatenate([self.x, x_new]), np.concatenate([self.y, y_new]), self.raw,
                                deterministic=self.deterministic, mean_columns=self.mean_columns,
-                               mean_coef=self.mean_coef)
+                               mean_coef=self.mean_coef, extends=self)
 
     def posterior(self, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mean and variance of the latent function at ``xs`` (m x D).
@@ -263,8 +301,8 @@ class GaussianProcess:
         mean, var = np.empty(xs.shape[0]), np.empty(xs.shape[0])
         for i in range(0, xs.shape[0], 256):
             xsw = xs[i:i + 256] * self.scale
-            ks = _matern52(self._scaled_d2(xsw, (xsw * xsw).sum(1, keepdims=True)), self.signal)[0]
-            v = ks @ self.chol_inv.T
+            ks = self._kernel(xsw, (xsw * xsw).sum(1, keepdims=True))
+            v = _times_lower_t(ks, self.chol_inv)
             mean[i:i + 256] = ks @ self.alpha + self.prior_mean(xs[i:i + 256])
             var[i:i + 256] = np.maximum(self.signal - (v * v).sum(1), 1e-12)
         return mean, var
@@ -283,8 +321,8 @@ class GaussianProcess:
         xsw = xs * self.scale
         ks, dk_dd2 = _matern52(self._scaled_d2(xsw, (xsw * xsw).sum(1, keepdims=True)), self.signal)
         mean = ks @ self.alpha + self.prior_mean(xs)
-        v = ks @ self.chol_inv.T
-        b = v @ self.chol_inv  # k* K^-1
+        v = _times_lower_t(ks, self.chol_inv)
+        b = _times_lower(v, self.chol_inv)  # k* K^-1
         var_raw = self.signal - (v * v).sum(1)
         var = np.maximum(var_raw, 1e-12)
         sigma = np.sqrt(var)
@@ -318,7 +356,6 @@ class GaussianProcess:
         x = np.ascontiguousarray(x, dtype=np.float64)
         y = np.ascontiguousarray(y, dtype=np.float64)
         d = x.shape[1]
-        sqd = cls.sq_diffs(x)
         default = cls.default_params(d)
         starts = [default]
         if init is not None and np.shape(init) == default.shape and np.all(np.isfinite(init)):
@@ -327,62 +364,13 @@ class GaussianProcess:
         for start in starts:
             try:
                 raw, loss, info = scipy.optimize.fmin_l_bfgs_b(
-                    cls.loss_and_grad, start, args=(sqd, y, deterministic), bounds=bounds,
+                    cls.loss_and_grad, start, args=(x, y, deterministic), bounds=bounds,
                     pgtol=1e-2, maxiter=max(1, iterations))
             except np.linalg.LinAlgError:
                 continue
             if math.isfinite(loss) and np.all(np.isfinite(raw)):
                 return cls(x, y, raw, deterministic=deterministic, mean_columns=mean_columns)
         return cls(x, y, default, deterministic=deterministic, mean_columns=mean_columns)
-
-
-class _Encoder:
-    """Maps parameter dicts of a fixed space to rows of [0, 1]^D and back."""
-
-    def __init__(self, space: dict) -> None:
-        self.space = space
-        self.columns: list = []  # per param: (name, dist, first column, width)
-        col = 0
-        for name, d in space.items():
-            width = len(d.choices) if isinstance(d, CategoricalDistribution) else 1
-            self.columns.append((name, d, col, width))
-            col += width
-        self.dim = col
-        self.continuous = np.zeros(col, dtype=bool)
-        for name, d, c, w in self.columns:
-            if not isinstance(d, CategoricalDistribution):
-                self.continuous[c] = True
-
-    def encode(self, params: dict) -> list:
-        row = [0.0] * self.dim
-        for name, d, c, w in self.columns:
-            if isinstance(d, CategoricalDistribution):
-                row[c + d.index(params[name])] = 1.0
-            else:
-                row[c] = d.to_unit(params[name])
-        return row
-
-    def decode(self, row: Sequence[float]) -> dict:
-        out = {}
-        for name, d, c, w in self.columns:
-            if isinstance(d, CategoricalDistribution):
-                seg = list(row[c:c + w])
-                out[name] = d.choices[max(range(w), key=seg.__getitem__)]
-            else:
-                out[name] = d.from_unit(row[c])
-        return out
-
-    def from_unit_cube(self, u: np.ndarray) -> np.ndarray:
-        """Candidates: a point per row of ``u`` (m x n_params, uniform in [0, 1)), categorical
-        coordinates turned into one-hot choices."""
-        x = np.zeros((u.shape[0], self.dim))
-        for j, (name, d, c, w) in enumerate(self.columns):
-            if isinstance(d, CategoricalDistribution):
-                idx = np.clip((u[:, j] * w).astype(np.int64), 0, w - 1)
-                x[np.arange(u.shape[0]), c + idx] = 1.0
-            else:
-                x[:, c] = u[:, j]
-        return x
 
 
 _blas_controller: Optional[ThreadpoolController] = None

@@ -16,7 +16,8 @@
 the same SQLite file, so the objective, sampler, pruner and callbacks must be picklable (a top-level
 function or an instance of a top-level class, not a lambda or closure) and the storage must be a
 file. ``backend="thread"`` runs threads instead (any objective; in-memory storage allowed; useful
-when the objective releases the GIL, e.g. torch ops). ``workers`` runs them.
+when the objective releases the GIL, e.g. torch ops). ``workers`` runs them. With the GP sampler,
+workers claim and propose in turns (``turns``), so each proposal avoids the RUNNING trials' points.
 
 Optuna's habits: ``best_params``, ``enqueue_trial``, ``trials_dataframe()`` (pandas), and studies
 move to and from Optuna's storages with ``export_to_optuna`` / ``import_from_optuna`` (``interop``).
@@ -37,6 +38,7 @@ import tempfile
 import threading
 import time
 import uuid
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -45,6 +47,7 @@ from .gp import GPSampler
 from .sqlite import SQLiteStorage, owner_id, parse_storage
 from .space import Distribution
 from .trial import FrozenTrial, Trial, TrialPruned, TrialRecorder, TrialState
+from .turns import proposal_turn
 from .workers import Run, new_stop_event, run_processes, run_threads
 
 __all__ = ["Study", "create_study", "load_study", "import_from_optuna"]
@@ -94,6 +97,7 @@ class Study(TrialRecorder):
     ``TrialRecorder`` of the trials it hands out."""
 
     heartbeat_interval_s = 5.0
+    proposal_wait_s = 300.0  # the longest a worker waits for its turn to propose (``turns``)
 
     def __init__(self, study_name: str, storage: SQLiteStorage, study_id: int, direction: str, sampler: Any,
                  pruner: Any, artifact_dir: Union[None, str, os.PathLike] = None) -> None:
@@ -106,6 +110,7 @@ class Study(TrialRecorder):
         self._artifact_dir = None if artifact_dir is None else Path(artifact_dir)
         self._owner_cache: Optional[tuple[int, str]] = None
         self._beat_thread: Optional[threading.Thread] = None
+        self._turn = threading.Lock()
 
     # ----- identity, artifacts -----------------------------------------------------------------------
 
@@ -240,16 +245,18 @@ class Study(TrialRecorder):
                max_retries: int) -> Optional[Trial]:
         propose = self.sampler.propose_locked if getattr(self.sampler, "exclusive", False) else None
         promote = getattr(self.pruner, "promote_locked", None)
-        frozen = self._storage.claim_trial(self._study_id, run_id=run_id, owner=self._owner, max_in_run=max_in_run,
-                                           max_total=max_total, max_retries=max_retries, propose_locked=propose,
-                                           promote_locked=promote)
-        if frozen is None:
-            return None
-        self._start_heartbeat()
-        history = [t for t in self._storage.get_trials(self._study_id) if t.number != frozen.number]
-        t0 = time.perf_counter()
-        trial = Trial(self, frozen, history)
-        trial._set_system_attr("sampler_seconds", time.perf_counter() - t0)
+        serial = getattr(self.sampler, "serial_proposals", False)
+        with proposal_turn(self._turn, self._storage.path, self.proposal_wait_s) if serial else nullcontext():
+            frozen = self._storage.claim_trial(self._study_id, run_id=run_id, owner=self._owner,
+                                               max_in_run=max_in_run, max_total=max_total, max_retries=max_retries,
+                                               propose_locked=propose, promote_locked=promote)
+            if frozen is None:
+                return None
+            self._start_heartbeat()
+            history = [t for t in self._storage.get_trials(self._study_id) if t.number != frozen.number]
+            t0 = time.perf_counter()
+            trial = Trial(self, frozen, history)
+            trial._record_start(time.perf_counter() - t0)
         return trial
 
     def tell(self, trial: Trial, value: Any = None, *, state: Optional[TrialState] = None,
@@ -257,6 +264,7 @@ class Study(TrialRecorder):
         """Finish ``trial``: COMPLETE with ``value`` (FAILED if it is not a finite number), or the given
         ``state`` (PRUNED keeps the last reported value; FAILED records ``reason``)."""
         attrs = trial.system_attrs
+        attrs.pop("proposal", None)  # only a RUNNING trial's proposal matters (to the GP's next proposals)
         if state is None:
             try:
                 v = float(value)
@@ -370,7 +378,12 @@ class Study(TrialRecorder):
         d = dict(self.__dict__)
         d["_beat_thread"] = None
         d["_owner_cache"] = None
+        del d["_turn"]
         return d
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._turn = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Study(name={self.study_name!r}, direction={self.direction!r}, storage={self._storage.url or 'memory'})"

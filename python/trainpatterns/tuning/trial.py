@@ -201,6 +201,15 @@ class Trial:
         self._system_attrs[key] = value
         self.study.record_attrs(self.number, system_attrs=self._system_attrs)
 
+    def _record_start(self, sampler_seconds: float) -> None:
+        """Store the sampler's time and its joint proposal (``system_attrs["proposal"]``): other
+        workers' GP proposals treat this RUNNING trial as pending at that point, before the
+        objective has suggested anything (the study drops it when the trial finishes)."""
+        self._system_attrs["sampler_seconds"] = sampler_seconds
+        if self._proposal:
+            self._system_attrs["proposal"] = dict(self._proposal)
+        self.study.record_attrs(self.number, system_attrs=self._system_attrs)
+
     # ----- suggestions -----------------------------------------------------------------------------
 
     def suggest_float(self, name: str, low: float, high: float, *, log: bool = False,
