@@ -194,8 +194,11 @@ def _load(path: str, rank: int) -> Loaded:
     shared_tensors = {}
     for e in shared.values():
         f = e.get("file")
-        if f and f not in shared_tensors:  # a module's tensors are copied by load_state_dict: no copy of each
-            shared_tensors[f] = read_tensors(path, manifest, f, copy=e["kind"] != "module")
+        if f and f not in shared_tensors:
+            # one allocation per tensor even for a module's (copied again by load_state_dict): the
+            # allocator recycles blocks of that size, as it does torch.load's, where one buffer
+            # larger than its threshold is a fresh mapping, every page faulted in, at every restore
+            shared_tensors[f] = read_tensors(path, manifest, f)
     rpath, rank_doc = read_doc(path, manifest, rank_base(rank) + ".json")
     rank_tensors = read_tensors(path, manifest, rank_doc["file"]) if rank_doc.get("file") else {}
     loaded = Loaded(manifest["step"], shared, shared_tensors, rank_doc["entries"], rank_tensors, None)

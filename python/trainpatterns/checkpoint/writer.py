@@ -2,10 +2,10 @@
 
 Save path: the caller's thread calls ``state_dict()`` on every entry, encodes the structure to JSON
 and copies the tensors into reused host buffers (pinned, with non-blocking copies, for CUDA tensors;
-a tensor tied under several names is copied once) (:meth:`CheckpointWriter.snapshot`); one
-background thread then writes, hashes, fsyncs and commits (:func:`write_checkpoint`). At most one
-write is in flight, and it writes from its own host copies, so training may change its tensors
-while it runs.
+large CPU tensors in one pass split over a few threads; a tensor tied under several names is copied
+once) (:meth:`CheckpointWriter.snapshot`); one background thread then writes, hashes, fsyncs and
+commits (:func:`write_checkpoint`). At most one write is in flight, and it writes from its own host
+copies, so training may change its tensors while it runs.
 
 Atomicity: a checkpoint is written under ``.tmp-step_...``; every file and the directory are
 fsynced, then it is renamed into place and the parent directory is fsynced, so it appears whole or
@@ -24,12 +24,14 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from ._format import (FORMAT, TMP_PREFIX, VERSION, CheckpointError, DeferredSync, TensorSink, encode_tree,
-                      entry_file, entry_kind, fsync_dir, rank_base, read_json_file, seal, step_dir, write_json_file,
-                      write_safetensors)
+from ._format import (FORMAT, TMP_PREFIX, VERSION, CheckpointError, DeferredSync, TensorSink, copy_tensors,
+                      encode_tree, entry_file, entry_kind, fsync_dir, plain_bytes, rank_base, read_json_file, seal,
+                      step_dir, write_json_file, write_safetensors)
 from ._rng import capture_rng
 
 __all__ = ["Job", "HostPool", "CheckpointWriter", "write_checkpoint"]
+
+_SPLIT_COPY = 1 << 16  # bytes from which torch's own copy would split a tensor over its threads
 
 
 @dataclass
@@ -142,19 +144,21 @@ class CheckpointWriter:
         files = []
         events: list = []
         cuda_devices: set = set()
+        copies: list = []  # (pooled buffer, CPU tensor): copied together at the end
         if rank == 0:
             state_doc = {"format": FORMAT, "version": VERSION, "entries": shared_entries}
             files.append(("state.json", "json", state_doc, None))
         for fname, sink in shared_files.items():
-            files.append((fname, "safetensors", self._to_host(fname, sink.tensors, cuda_devices, async_save),
+            files.append((fname, "safetensors", self._to_host(fname, sink.tensors, cuda_devices, async_save, copies),
                           _metadata(sink, format=FORMAT, step=str(step))))
         rank_doc = {"format": FORMAT, "version": VERSION, "rank": rank, "rng": rng_tree, "entries": rank_entries,
                     "file": f"{base}.safetensors" if rank_sink.tensors else None}
         files.append((f"{base}.json", "json", rank_doc, None))
         if rank_sink.tensors:
             files.append((f"{base}.safetensors", "safetensors",
-                          self._to_host(base, rank_sink.tensors, cuda_devices, async_save),
+                          self._to_host(base, rank_sink.tensors, cuda_devices, async_save, copies),
                           _metadata(rank_sink, format=FORMAT, step=str(step), rank=str(rank))))
+        copy_tensors(copies)
         for dev in sorted(cuda_devices):
             with torch.cuda.device(dev):
                 ev = torch.cuda.Event()
@@ -167,10 +171,12 @@ class CheckpointWriter:
             events = []
         job.files, job.events = files, events
 
-    def _to_host(self, fname: str, tensors: dict, cuda_devices: set, async_save: bool) -> dict:
+    def _to_host(self, fname: str, tensors: dict, cuda_devices: set, async_save: bool, copies: list) -> dict:
         """Contiguous CPU tensors holding the bytes to write. Async: copies into pooled buffers
-        (the training thread may change the originals right after). Blocking: CPU tensors as they
-        are (the caller waits for the write), CUDA tensors copied to host."""
+        (the training thread may change the originals right after); a CPU tensor of
+        ``_SPLIT_COPY`` bytes or more goes to ``copies``, which the caller copies in one split pass
+        (see ``_format.threads``). Blocking: CPU tensors as they are (the caller waits for the
+        write), CUDA tensors copied to host."""
         out = {}
         for name, t in tensors.items():
             t = t.detach()
@@ -178,7 +184,10 @@ class CheckpointWriter:
                 cuda_devices.add(t.device.index)
             if async_save or t.device.type != "cpu":
                 buf = self.pool.get((fname, name), t)
-                buf.copy_(t, non_blocking=t.is_cuda)
+                if t.numel() * t.element_size() >= _SPLIT_COPY and plain_bytes(t):
+                    copies.append((buf, t))
+                else:
+                    buf.copy_(t, non_blocking=t.is_cuda)
                 out[name] = buf
             else:
                 out[name] = t if t.is_contiguous() else t.contiguous()

@@ -12,6 +12,7 @@ same), which lets the reader fill each tensor in place.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -19,9 +20,10 @@ from typing import Any, Optional
 
 import torch
 
-from .checksum import Crc32, crc32
+from .checksum import Crc32, crc32, crc32_combine
 from .errors import CheckpointError, brief
 from .files import DeferredSync, check_size, finish, open_new, open_regular, parse_json, write_all
+from .threads import chunks, run_split
 
 __all__ = ["DTYPE_TO_ST", "MAX_DIMS", "write_safetensors", "read_safetensors"]
 
@@ -39,6 +41,7 @@ _ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
 _CHUNK = 32 << 20  # bytes per write/read call: large enough for disk speed, small enough to pipeline hashing
 _SMALL = 1 << 16  # tensors below this size are gathered into one buffer before writing
 _PIECE = 1 << 20  # bytes read then hashed at a time on restore: small enough to stay in L2
+_MAX_IOV = 512  # buffers per preadv call (Linux takes up to 1024)
 _MAX_HEADER = 100 << 20  # bytes of JSON header a reader accepts
 MAX_DIMS = 64  # dimensions of a tensor the format holds
 
@@ -106,10 +109,11 @@ def read_safetensors(path: str, expected: Optional[tuple[int, int]] = None, *,
     The file is read, not memory-mapped: what is returned never depends on the file afterwards (a
     view of a mapping dies with SIGBUS once the file is truncated). Bytes go straight from the file
     into the tensors in pieces of ``_PIECE`` bytes, each hashed right after it is read, while it is
-    still in cache: one pass over memory. ``copy=True``: every tensor owns its memory.
-    ``copy=False``: the tensors are views of one buffer holding all of the file's tensor bytes (one
-    allocation for any number of tensors; each keeps the whole buffer alive), meant for values that
-    are copied again right away, such as a module's state dict handed to ``load_state_dict``."""
+    still in cache: one pass over memory. A large file is read by a few threads at once, in chunks
+    (``threads.run_split``) whose CRCs are then combined. ``copy=True``: every
+    tensor owns its memory. ``copy=False``: the tensors are views of one buffer holding all of the
+    file's tensor bytes (one allocation for any number of tensors; each keeps the whole buffer
+    alive), for values used once, such as the weights of a warm start."""
     with open_regular(path) as f:
         try:
             return _read_open(f, path, expected, copy)
@@ -132,19 +136,19 @@ def _read_open(f, path: str, expected: Optional[tuple[int, int]], copy: bool) ->
     data_bytes = entries[-1][4] if entries else 0
     if 8 + hlen + data_bytes != size:
         raise CheckpointError(f"{path}: the header describes {8 + hlen + data_bytes} bytes, the file has {size}")
-    out: dict[str, torch.Tensor] = {}
     if copy:
-        for name, dtype, shape, _, _ in entries:
-            out[name] = torch.empty(shape, dtype=dtype)
-            value = _read_into(f, _bytes_view(out[name]), value, path)
+        out = {name: torch.empty(shape, dtype=dtype) for name, dtype, shape, _, _ in entries}
+        views = [_bytes_view(out[name]) for name, *_ in entries]
     else:
-        buf = torch.empty(data_bytes, dtype=torch.uint8)
-        value = _read_into(f, _bytes_view(buf), value, path)
+        out, buf = {}, torch.empty(data_bytes, dtype=torch.uint8)
+        views = [_bytes_view(buf)]
+    value = crc32_combine(value, _read_split(f.fileno(), views, 8 + hlen, path), data_bytes)
+    if os.pread(f.fileno(), 1, size):
+        raise CheckpointError(f"{path} grew while it was being read")
+    if not copy:
         for name, dtype, shape, begin, end in entries:
             piece = buf[begin:end] if begin % dtype.itemsize == 0 else buf[begin:end].clone()
             out[name] = piece.view(dtype).view(shape)
-    if f.read(1):
-        raise CheckpointError(f"{path} grew while it was being read")
     if expected is not None and value != expected[1]:
         raise CheckpointError(f"{path} fails its checksum (CRC-32 {value:08x}, manifest {expected[1]:08x}): "
                               "the file is corrupt")
@@ -161,18 +165,62 @@ def _read_exact(f, n: int, path: str) -> bytes:
     return data
 
 
-def _read_into(f, dst: memoryview, value: int, path: str) -> int:
-    """Fill ``dst`` from ``f`` piece by piece, hashing each piece as it lands; the running CRC."""
-    for s in range(0, len(dst), _PIECE):
-        piece = dst[s:s + _PIECE]
-        got = 0
-        while got < len(piece):
-            n = f.readinto(piece[got:])
-            if not n:
-                raise CheckpointError(f"{path} ended early: it was truncated while being read")
-            got += n
-        value = crc32(piece, value)
+def _read_split(fd: int, views: list, offset: int, path: str) -> int:
+    """Fill ``views`` (writable byte views, back to back in the file from ``offset``) with the
+    file's bytes, read as ``threads.chunks`` by a few threads at once; the CRC-32 of all the bytes
+    read, from the chunks' CRCs."""
+    pieces = chunks([len(v) for v in views])
+    lengths = [sum(b - a for _, a, b in chunk) for chunk in pieces]
+    starts = [offset + s for s in itertools.accumulate(lengths, initial=0)]
+    crcs = run_split([lambda c=c, p=p: _read_chunk(fd, views, c, p, path) for c, p in zip(pieces, starts)])
+    value = 0
+    for crc, n in zip(crcs, lengths):
+        value = crc32_combine(value, crc, n)
     return value
+
+
+def _read_chunk(fd: int, views: list, chunk: list, pos: int, path: str) -> int:
+    """Read one chunk (pieces (view index, start, end), contiguous in the file from ``pos``) with
+    one ``preadv`` per ``_PIECE`` bytes, hashing each piece right after it lands, while it is still
+    in cache; its CRC-32."""
+    value = 0
+    batch: list = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal value, pos, batch, size
+        _preadv_all(fd, batch, pos, path)
+        for piece in batch:
+            value = crc32(piece, value)
+        pos += size
+        batch, size = [], 0
+
+    for i, a, b in chunk:
+        for s in range(a, b, _PIECE):
+            piece = views[i][s:min(b, s + _PIECE)]
+            if batch and (size + len(piece) > _PIECE or len(batch) == _MAX_IOV):
+                flush()
+            batch.append(piece)
+            size += len(piece)
+    if batch:
+        flush()
+    return value
+
+
+def _preadv_all(fd: int, bufs: list, pos: int, path: str) -> None:
+    """Fill every buffer of ``bufs`` from the file at ``pos`` (``preadv`` may read fewer bytes)."""
+    while bufs:
+        n = os.preadv(fd, bufs, pos)
+        if not n:
+            raise CheckpointError(f"{path} ended early: it was truncated while being read")
+        pos += n
+        k = 0
+        while k < len(bufs) and n >= len(bufs[k]):
+            n -= len(bufs[k])
+            k += 1
+        bufs = bufs[k:]
+        if n:
+            bufs = [bufs[0][n:]] + bufs[1:]
 
 
 def _is_int(x: Any) -> bool:
