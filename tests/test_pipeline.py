@@ -22,6 +22,11 @@ from trainpatterns.optim import FusedAdamW  # noqa: E402
 WORKER = str(Path(__file__).with_name("_pipeline_worker.py"))
 
 
+def rank_lines(out: str, rank: int) -> list:
+    """The lines a rank of the worker printed about itself ("rank <r>: ...")."""
+    return [line for line in out.splitlines() if line.startswith(f"rank {rank}: ")]
+
+
 def reference():
     """The unsplit model: batch 0's loss and gradients, then the same 20 steps with clipping."""
     model = W.make_model()
@@ -119,7 +124,7 @@ def test_bad_splits_are_the_same_clear_error_on_every_rank(tmp_path):
     res = run_ranks([WORKER, str(tmp_path), "errors", "4"], world=2, timeout_s=90)
     assert [r[0] for r in res] == [0, 0], res
     for rank, (_, out, _) in enumerate(res):
-        lines = [line for line in out.splitlines() if line.startswith(f"rank {rank}: ")]
+        lines = rank_lines(out, rank)
         assert len(lines) == 10, out
         for want in ("split point(s) ['9'] are not top-level blocks", "split_points must name 1 block(s)",
                      "microbatches must be an int >= 1", "schedule must be one of", "stages=5 but the job has 2 ranks",
@@ -151,7 +156,7 @@ def test_shapes_that_do_not_fit_between_stages_are_an_error_on_every_rank(tmp_pa
     res = run_ranks([WORKER, str(tmp_path), "shapes", "4"], world=2, timeout_s=90)
     assert [r[0] for r in res] == [0, 0], res
     for rank, (_, out, _) in enumerate(res):
-        lines = [line for line in out.splitlines() if line.startswith(f"rank {rank}: ")]
+        lines = rank_lines(out, rank)
         assert len(lines) == 4, out
         assert "stage 1 (blocks ['2']) cannot take stage 0's output of shape (6, 16) float32" in lines[0]
         assert lines[1] == lines[0]  # refused again, not half-run
@@ -170,7 +175,7 @@ def test_a_failed_stage_fails_the_others_fast(tmp_path, mode):
     ranks = [0] if mode == "dead" else [0, 1]
     for rank in ranks:
         assert res[rank][0] == 0, res
-        lines = [line for line in res[rank][1].splitlines() if line.startswith(f"rank {rank}: ")]
+        lines = rank_lines(res[rank][1], rank)
         assert len(lines) == 2, res[rank]
         seconds = float(lines[0].split(" after ")[1].split(" s:")[0])
         assert seconds < 10, lines[0]  # the raising rank lives on for 15 s, holding its exception
