@@ -447,12 +447,3 @@ def test_trainer_under_two_processes_trains_in_step_and_checkpoints(runs):
     load_weights(restored, infos[-1].path)
     for n, p in restored.named_parameters():
         assert torch.equal(p.detach(), r0["params"][n]), f"checkpoint {n} differs from the trained weights"
-
-
-def test_shutdown_without_a_process_group_is_a_no_op():
-    # One process (nothing initialised): the job's end is the same call as under torchrun.
-    from trainpatterns.distributed import shutdown
-
-    assert not torch.distributed.is_initialized()
-    shutdown()
-    assert not torch.distributed.is_initialized()

@@ -9,6 +9,8 @@ own transport: NCCL on GPU, gloo on CPU, single or multi node, all through torch
 from __future__ import annotations
 
 import datetime
+import sys
+import types
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -20,6 +22,13 @@ from ._store import incarnation_store as _incarnation_store
 from .async_dp import AsyncDataParallel
 from .pipeline import PipelineParallel, settle_groups
 from .sync import SyncDataParallel
+
+if dist.is_available():
+    # torch.distributed.nn.functional binds its functions' default group when first imported
+    # (``group=group.WORLD``); imported while a group exists (torch._dynamo imports it, and
+    # torch.optim imports torch._dynamo), those defaults keep the group alive past
+    # destroy_process_group(). Imported here, before any group, they stay None: the default group.
+    import torch.distributed.nn.functional  # noqa: F401
 
 __all__ = ["init_from_env", "shutdown", "DistInfo", "SyncDataParallel", "AsyncDataParallel", "PipelineParallel"]
 
@@ -96,14 +105,30 @@ def shutdown() -> None:
     """Leave the job at its end: a barrier, then ``destroy_process_group()``; a no-op when nothing
     is initialised. Every rank must call it.
 
-    Why the barrier: after a collective returns, gloo's worker thread still drops its reference to
-    the collective's tensors, and that needs the GIL. If the process is already shutting down the
-    interpreter, that thread is ended mid-C++ and the process aborts ("terminate called without an
-    active exception", exit code -6): a torch race, seen in a few of every ten runs of a small
-    checkpointing job without the barrier. The barrier releases the GIL until the threads are done.
+    Why it matters: after a collective returns, a gloo worker thread still drops its reference to
+    the collective's tensors, and that needs the GIL. A thread that asks for the GIL once the
+    interpreter is ending is stopped mid-C++ and the process aborts ("terminate called without an
+    active exception", exit code -6). Destroying the group joins its threads (with the GIL
+    released) before the interpreter ends, but only if nothing else holds the group: torch's own
+    torch.distributed.nn.functional may, and is unpinned here (:func:`_unpin_default_group`).
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
     settle_groups()  # the pipelines' own groups, the same race
     dist.barrier()
+    _unpin_default_group()
     dist.destroy_process_group()
+
+
+def _unpin_default_group() -> None:
+    """Reset to None the default arguments of torch.distributed.nn.functional that hold a process
+    group: that module, imported while a group existed, bound ``group.WORLD`` at import. Pinned
+    there, the group outlives destroy_process_group(), and so do its gloo worker threads, which
+    still drop their last collectives' tensors (needing the GIL) while the interpreter ends: the
+    process aborts ("terminate called without an active exception", exit code -6). Unpinned, the
+    group is destroyed at once and its threads joined. None means the default group, as meant."""
+    module = sys.modules.get("torch.distributed.nn.functional")
+    for fn in vars(module).values() if module else ():
+        if isinstance(fn, types.FunctionType) and fn.__defaults__:
+            if any(isinstance(d, dist.ProcessGroup) for d in fn.__defaults__):
+                fn.__defaults__ = tuple(None if isinstance(d, dist.ProcessGroup) else d for d in fn.__defaults__)
