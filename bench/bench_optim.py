@@ -9,12 +9,14 @@ fastest one is the reference ("of probe" = probe time / variant time).
 
 All variants of a case live in one process and are timed in turns (interleaved repeats, medians;
 see _common.py). Gradients are persistent tensors set once before timing, as torch's own optimizer
-benchmarks do; case (b) also times a variant that assigns new gradient tensors before every step
-(what ``zero_grad(set_to_none=True)`` + backward produce), outside the timed region.
+benchmarks do; case (b) also times, for torch and for us, a variant that assigns new gradient
+tensors before every step (what ``zero_grad(set_to_none=True)`` + backward produce: the default
+training loop), outside the timed region, and prints where our step's time goes (per-phase
+profile, _optim_profile.py).
 
 Cases:
   a  AdamW on ~50M fp32 parameters shaped like a small GPT (d=768, 6 layers, 100 tensors)
-  b  AdamW on 1000 tensors of 1024 elements (per-tensor overhead)
+  b  AdamW on 1000 tensors of 1024 elements (per-tensor overhead), persistent and fresh gradients
   c  training-loop step: clip_grad_norm_(1.0) + AdamW(fused=True) vs FusedAdamW(max_grad_norm=1.0)
   d  bf16 parameters with fp32 master weights (ours master_weights=True vs torch fused on fp32
      copies + copies back)
@@ -34,6 +36,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (Result, Target, Variant, apply_threads, common_parser, environment,  # noqa: E402
                      format_table, format_targets, measure, write_json)
+from _optim_profile import format_profile, profile, profiled_step, without_phases  # noqa: E402
 
 import trainpatterns  # noqa: E402,F401
 from trainpatterns import _kernels  # noqa: E402
@@ -238,16 +241,15 @@ def case_b(cfg: dict) -> dict:
         variants.append(ko)
 
     # New gradient tensors before every step, as zero_grad(set_to_none=True) + backward give:
-    # two pools of gradients used in turns, so both the tensor objects and their storage change.
+    # two pools of gradients, each step takes the one not in place, so both the tensor objects and
+    # their storage change.
     pools = [mk.grads(), mk.grads()]
 
     def fresh(opt) -> Callable[[], None]:
         params = opt.param_groups[0]["params"]
-        turn = [0]
 
         def setup():
-            turn[0] ^= 1
-            for p, g in zip(params, pools[turn[0]]):
+            for p, g in zip(params, pools[params[0].grad is pools[0][0]]):
                 p.grad = g
         return setup
 
@@ -257,13 +259,24 @@ def case_b(cfg: dict) -> dict:
                             bytes_per_call=28 * n, role="torch-fresh"))
     variants.append(Variant("ours FusedAdamW, fresh grads", o_fresh.step, setup=fresh(o_fresh),
                             bytes_per_call=28 * n, role="ours-fresh"))
+    # The same two steps once more, with each phase timed inside them (_optim_profile.py).
+    clocks = {}
+    for kind, grads_of, setup, theirs in (("same grads", grads, None, "torch AdamW fused"),
+                                          ("fresh grads", pools[0], fresh, "torch AdamW fused, fresh grads")):
+        opt = FusedAdamW(attach(mk.params(), grads_of), lr=1e-3)
+        profiled = profiled_step(opt, kind, setup and setup(opt))
+        if profiled is not None:
+            variants.append(profiled[0])
+        clocks[kind] = (profiled and profiled[1], theirs)
     results = measure(variants, **cfg["timing"])
+    prof = profile(results, clocks)
+    results = without_phases(results)
     by = {r.name: r for r in results}
     ours_r = by["ours FusedAdamW"]
     targets = [
-        Target("(b) ours vs torch fused (speedup)", by["torch AdamW fused"].median / ours_r.median, 10.0),
+        Target("(b) ours vs torch fused (speedup)", by["torch AdamW fused"].median / ours_r.median, 15.0),
         Target("(b) fresh grads: ours vs torch fused (speedup)",
-               by["torch AdamW fused, fresh grads"].median / by["ours FusedAdamW, fresh grads"].median, None),
+               by["torch AdamW fused, fresh grads"].median / by["ours FusedAdamW, fresh grads"].median, 10.0),
         Target("(b) ours: Python share of the step (1 - kernel only / ours)",
                1.0 - by["  ours: native kernel only"].median / ours_r.median, None)
         if "  ours: native kernel only" in by else None,
@@ -271,8 +284,11 @@ def case_b(cfg: dict) -> dict:
     targets = [t for t in targets if t is not None]
     title = (f"(b) AdamW, {len(shapes)} tensors x {shapes[0][0]} fp32 ({n / 1e6:.2f}M params, "
              f"{28 * n / 1e6:.0f} MB moved: partly cache-resident, so the probe is context only)")
+    notes = None if prof is None else format_profile(
+        "(b) where our step's time goes: each phase timed inside the steps of a second optimizer, in turns "
+        "with the rest", prof)
     return dict(title=title, results=results, targets=targets, baseline="torch AdamW fused",
-                probe="probe: in-place passes")
+                probe="probe: in-place passes", notes=notes, profile=prof)
 
 
 def case_c(cfg: dict) -> dict:
@@ -408,12 +424,16 @@ def main(argv: Optional[list] = None) -> int:
         for i, block in enumerate(out if isinstance(out, list) else [out]):
             print()
             print(format_table(block["title"], block["results"], baseline=block["baseline"], probe=block["probe"]))
+            if block.get("notes"):
+                print()
+                print(block["notes"])
             print(format_targets(block["targets"]))
             all_targets += block["targets"]
             key = c if i == 0 else f"{c}{i + 1}"
             payload["cases"][key] = dict(title=block["title"], baseline=block["baseline"], probe=block["probe"],
                                          results=[r.to_dict() for r in block["results"]],
-                                         targets=[t.to_dict() for t in block["targets"]])
+                                         targets=[t.to_dict() for t in block["targets"]],
+                                         profile=block.get("profile"))
         del out
         gc.collect()
     print("\nsummary:")

@@ -47,6 +47,7 @@ import torch
 pytest.importorskip("pytest_benchmark")
 
 from trainpatterns import PrefetchLoader, _kernels  # noqa: E402
+from trainpatterns._kernels._native import N_ROWS, ROW_GRAD  # noqa: E402
 from trainpatterns.checkpoint._format import checksum  # noqa: E402
 from trainpatterns.data import epoch_order  # noqa: E402
 from trainpatterns.optim import FusedAdagrad, FusedAdam, FusedAdamW, FusedSGD  # noqa: E402
@@ -305,21 +306,22 @@ def _python_watch(params: list):
 
 
 @pytest.mark.parametrize("variant", ["ours", "python"])
-def test_tensor_watch_check(benchmark, variant):
+def test_tensor_watch_refresh(benchmark, variant):
     params = _leaves(TINY, "cpu")
     grads = [p.grad for p in params]
-    watch = _kernels.tensor_watch(params, list(range(len(params))), grads)
-    fn = (lambda: watch.check(params)[0]) if variant == "ours" else _python_watch(params)
+    rows = torch.zeros(N_ROWS, len(params), dtype=torch.int64)  # one table, as make_table lays it out
+    rows[ROW_GRAD] = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
+    watch = _kernels.tensor_watch(params, list(range(len(params))), grads, [rows])
+    fn = (lambda: watch.refresh(params)) if variant == "ours" else _python_watch(params)
     benchmark.group = "per-step check of 1000 parameters and their gradients"
     assert benchmark(fn) == _kernels.WATCH_UNCHANGED
-    # New gradient tensors (zero_grad(set_to_none=True) + backward): both see it; ours hands back
-    # the new gradients and their addresses.
+    # New gradient tensors (zero_grad(set_to_none=True) + backward): both see it; ours writes their
+    # addresses into the table.
     python = _python_watch(params)
     for p in params:
         p.grad = p.grad.clone()
-    status, picked, addrs = watch.check(params)
-    assert status == _kernels.WATCH_NEW_GRADS and python() == _kernels.WATCH_CHANGED
-    assert all(a is p.grad for a, p in zip(picked, params)) and addrs == [p.grad.data_ptr() for p in params]
+    assert watch.refresh(params) == _kernels.WATCH_NEW_GRADS and python() == _kernels.WATCH_CHANGED
+    assert rows[ROW_GRAD].tolist() == [p.grad.data_ptr() for p in params]
 
 
 # ----- checkpoint checksums ----------------------------------------------------------------------------------

@@ -96,6 +96,7 @@ py::dict build_info() {
 #endif
   // How the optimizers' per-step check reads tensors: torch's exported C functions, or Python.
   info["tensor_reader"] = tp::native_reader_in_use() ? "torch C functions" : "python";
+  info["lazy_view_reader"] = tp::lazy_bits_in_use() ? "dispatch key set" : "Tensor.is_neg";
   info["version"] = TP_VERSION;
   return info;
 }
@@ -162,7 +163,7 @@ PYBIND11_MODULE(_C, m) {
 
   // Per-step plan checks (optimizers): tensors stay opaque Python objects, see tensor_watch.h.
   m.def("set_tensor_reader", &tp::set_tensor_reader, py::arg("functions"), py::arg("samples"), py::arg("handles"),
-        py::arg("tensor_type"), py::arg("fallback"), py::arg("is_neg"),
+        py::arg("tensor_type"), py::arg("fallback"), py::arg("is_neg"), py::arg("key_sets"), py::arg("lazy_keys"),
         "Install how tensor metadata is read: torch's exported C functions (located and verified on the "
         "samples), else the Python fallback. Returns whether the native reader is in use.");
   m.def("data_ptrs", &tp::data_ptrs, py::arg("tensors"), "The data address of each tensor of a list.");
@@ -177,25 +178,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("tensor"),
         "What the installed reader reads of a tensor, in tensor_facts' layout; None if it cannot read it.");
   py::class_<tp::TensorWatch>(m, "TensorWatch")
-      .def(py::init<const py::list&, const std::vector<int64_t>&, const py::list&>(), py::arg("params"),
-           py::arg("active"), py::arg("grads"))
-      .def("check",
-           [](const tp::TensorWatch& w, const py::list& params, const py::object& grads) -> py::object {
-             // Built once: the Unchanged answer of every ordinary step allocates nothing.
-             static PyObject* unchanged = py::make_tuple(0, py::none(), py::none()).release().ptr();
-             py::object picked = py::none();
-             std::vector<std::uintptr_t> addrs;
-             const tp::WatchStatus status = w.check(params, grads, &picked, &addrs);
-             if (status == tp::WatchStatus::Unchanged) return py::reinterpret_borrow<py::object>(unchanged);
-             py::object checked = py::none();
-             if (status == tp::WatchStatus::NewGrads && !addrs.empty()) checked = py::cast(addrs);
-             return py::make_tuple(static_cast<int>(status), picked, checked);
+      .def(py::init<const py::list&, const std::vector<int64_t>&, const py::list&, const py::list&>(),
+           py::arg("params"), py::arg("active"), py::arg("grads"), py::arg("rows"))
+      .def("refresh",
+           [](tp::TensorWatch& w, const py::list& params, const py::object& grads) {
+             return static_cast<int>(w.refresh(params, grads));
            },
            py::arg("params"), py::arg("grads") = py::none(),
-           "(status, picked, addrs): status 0 unchanged, 1 same positions with a gradient but new gradient "
-           "tensors (picked: those gradients in table order; addrs: their addresses if each fits its slot, "
-           "else None), 2 changed; picked is None unless status is 1")
-      .def("set_grads", &tp::TensorWatch::set_grads, py::arg("grads"), py::arg("addrs"));
+           "0: the tables are valid as they are; 1: new gradient addresses written into the tables' "
+           "host rows; 2: changed, nothing written (rebuild)");
 
   py::class_<tp::GradControl>(m, "GradControl")
       .def(py::init([](double grad_mul, std::uintptr_t grad_mul_dev, std::uintptr_t skip_dev) {

@@ -9,6 +9,12 @@
 // verifies against the Python-level values before using it. Where any of that is missing, the
 // reader calls a Python function instead (same answers, slower).
 //
+// Whether a tensor is a lazy (negated or conjugated) view has no C function: it is one bit of the
+// dispatch key set its TensorImpl holds. set_tensor_reader finds that word by comparing the sample
+// tensors' TensorImpls with the key sets Python reports for them (a 64-bit value found at the same
+// offset in every sample), and the bit is then verified like the rest; without it the reader asks
+// Python (`Tensor.is_neg`, ~60 ns a tensor: the price of every new gradient without the bit).
+//
 // Header-only: one small state shared by the optimizers' TensorWatch and the bindings' helpers.
 // Every function runs with the GIL held and reads metadata only, never tensor memory. A loader or
 // kernel thread never calls it: tensors are read before work is handed to them.
@@ -17,6 +23,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -67,6 +74,8 @@ struct Reader {
   PyTypeObject* tensor_type = nullptr;  // owned
   PyObject* fallback = nullptr;         // owned
   PyObject* is_neg = nullptr;           // owned
+  Py_ssize_t keys_offset = -1;          // of the dispatch key set in a TensorImpl; -1: ask is_neg
+  uint64_t lazy_keys = 0;               // its Negative and Conjugate bits
 };
 inline Reader g_reader;  // installed by set_tensor_reader; used with the GIL held
 
@@ -132,12 +141,24 @@ inline bool fast_facts(void* h, TensorFacts* f) {
   return true;
 }
 
-// Real dtypes never carry the conjugate bit (torch refuses it), and complex ones never fit a
-// table, so the negation bit is the one lazy view to look for.
+// The 64-bit word at `offset` bytes into the TensorImpl behind handle `h`.
+inline uint64_t impl_word(void* h, Py_ssize_t offset) {
+  uint64_t w;
+  std::memcpy(&w, *static_cast<char**>(h) + offset, sizeof w);
+  return w;
+}
+
+// Without the key set word: real dtypes never carry the conjugate bit (torch refuses it), and
+// complex ones never fit a table, so the negation bit is the one lazy view to ask Python about.
 inline bool fast_place(PyObject* t, void* h, TensorPlace* p) {
-  const Aoti& a = g_reader.fn;
+  const Reader& reader = g_reader;
+  const Aoti& a = reader.fn;
   if (a.device_type(h, &p->device_type) || a.device_index(h, &p->device_index)) return false;
-  PyObject* r = PyObject_CallOneArg(g_reader.is_neg, t);
+  if (reader.keys_offset >= 0) {
+    p->lazy = (impl_word(h, reader.keys_offset) & reader.lazy_keys) != 0;
+    return true;
+  }
+  PyObject* r = PyObject_CallOneArg(reader.is_neg, t);
   if (r == nullptr) {
     PyErr_Clear();
     return false;
@@ -203,6 +224,33 @@ inline Py_ssize_t locate(const pybind11::list& samples, const pybind11::list& ha
   return -1;
 }
 
+// Where the dispatch key set sits in a TensorImpl: the first 8-byte offset within its first
+// kImplScanBytes (sizeof(TensorImpl) is 176-192 bytes in torch 2.x) at which every sample with a
+// known key set holds exactly that value; -1 when there is none or fewer than two samples to agree.
+constexpr Py_ssize_t kImplScanBytes = 192;
+inline Py_ssize_t locate_keys(const pybind11::list& samples, const pybind11::list& key_sets) {
+  const Py_ssize_t n = PyList_GET_SIZE(samples.ptr());
+  if (PyList_GET_SIZE(key_sets.ptr()) != n) return -1;
+  for (Py_ssize_t off = 0; off < kImplScanBytes; off += sizeof(uint64_t)) {
+    Py_ssize_t agree = 0;
+    bool all = true;
+    for (Py_ssize_t i = 0; i < n && all; ++i) {
+      PyObject* key = PyList_GET_ITEM(key_sets.ptr(), i);
+      if (key == Py_None) continue;
+      void* h = handle_of(PyList_GET_ITEM(samples.ptr(), i));
+      const uint64_t want = PyLong_AsUnsignedLongLong(key);
+      if (PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+      }
+      all = h != nullptr && impl_word(h, off) == want;
+      agree += all;
+    }
+    if (all && agree >= 2) return off;
+  }
+  return -1;
+}
+
 // The native reader agrees with the Python one on every sample.
 inline bool verified(const pybind11::list& samples) {
   for (pybind11::handle s : samples) {
@@ -232,13 +280,18 @@ inline void replace(PyObject** slot, PyObject* value) {
 // `fallback` only); `samples`/`handles`: tensors and at::Tensor handles torch allocated for them
 // (freed here), to locate the at::Tensor inside a tensor object; `tensor_type`: torch's C
 // tensor base class; `fallback(t)` -> (ptr, numel, dtype, contiguous, in_bounds, device_type,
-// device_index, lazy); `is_neg(t)` -> bool. Returns whether the native reader is in use.
+// device_index, lazy); `is_neg(t)` -> bool; `key_sets`: per sample the raw value of its dispatch
+// key set, or None; `lazy_keys`: the Negative and Conjugate bits of such a value. Returns whether
+// the native reader is in use.
 inline bool set_tensor_reader(const pybind11::dict& functions, const pybind11::list& samples,
                               const pybind11::list& handles, const pybind11::object& tensor_type,
-                              const pybind11::object& fallback, const pybind11::object& is_neg) {
+                              const pybind11::object& fallback, const pybind11::object& is_neg,
+                              const pybind11::list& key_sets, uint64_t lazy_keys) {
   if (!PyType_Check(tensor_type.ptr())) throw std::invalid_argument("set_tensor_reader: tensor_type must be a type");
   detail::Reader& r = detail::g_reader;
   r.offset = -1;  // the Python fallback until the native reader is complete and verified
+  r.keys_offset = -1;
+  r.lazy_keys = lazy_keys;
   detail::replace(reinterpret_cast<PyObject**>(&r.tensor_type), tensor_type.ptr());
   detail::replace(&r.fallback, fallback.is_none() ? nullptr : fallback.ptr());
   detail::replace(&r.is_neg, is_neg.ptr());
@@ -267,12 +320,16 @@ inline bool set_tensor_reader(const pybind11::dict& functions, const pybind11::l
       else
         PyErr_Clear();
     }
-  if (r.offset >= 0 && !detail::verified(samples)) r.offset = -1;
+  if (r.offset >= 0 && lazy_keys != 0) r.keys_offset = detail::locate_keys(samples, key_sets);
+  if (r.offset >= 0 && !detail::verified(samples)) r.offset = r.keys_offset = -1;
   return r.offset >= 0;
 }
 
 // Whether the native reader is installed (else reads go through the Python fallback).
 inline bool native_reader_in_use() { return detail::g_reader.offset >= 0; }
+
+// Whether the lazy-view bits are read from the dispatch key set (else through Tensor.is_neg).
+inline bool lazy_bits_in_use() { return detail::g_reader.offset >= 0 && detail::g_reader.keys_offset >= 0; }
 
 // False (Python error cleared) when `t` is not a tensor whose facts can be read.
 inline bool read_facts(PyObject* t, TensorFacts* out) {
@@ -288,6 +345,13 @@ inline bool read_facts_of_known(PyObject* t, TensorFacts* out) {
   if (detail::g_reader.offset < 0) return detail::fallback_read(t, out, nullptr);
   void* h = reinterpret_cast<char*>(t) + detail::g_reader.offset;
   return *static_cast<void**>(h) != nullptr && detail::fast_facts(h, out);
+}
+
+// read_facts and read_place at once: what a tensor new to a table is checked for.
+inline bool read_all(PyObject* t, TensorFacts* facts, TensorPlace* place) {
+  if (detail::g_reader.offset < 0) return detail::fallback_read(t, facts, place);
+  void* h = detail::handle_of(t);
+  return h != nullptr && detail::fast_facts(h, facts) && detail::fast_place(t, h, place);
 }
 
 inline bool read_place(PyObject* t, TensorPlace* out) {

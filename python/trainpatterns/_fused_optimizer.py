@@ -4,8 +4,9 @@ tables, and the step.
 Each algorithm (AdamW, SGD, ...) only says which state tensors it keeps and which kernel runs;
 everything else is here. What makes a step fast beyond the kernel:
 
-* Pointer tables are built once per param group and reused while the gradients are the same
-  tensors; new gradient tensors (``zero_grad(set_to_none=True)``) only refresh one row.
+* Pointer tables are built once per param group and reused while the parameters do not change;
+  new gradient tensors (``zero_grad(set_to_none=True)`` + backward, every step) are checked and
+  written into the tables' gradient row by the same native call that checks the parameters.
 * Step counts live in one float tensor per table that the kernel increments; ``state["step"]``
   entries are 0-d views into it, so the state keeps torch's layout without a per-tensor increment.
 * Unscaling, the finite check and clipping are decided once per step (_grad_control.py) and
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 import torch
+import torch.optim.optimizer as _torch_optimizer
 
 from . import _kernels
 from ._grad_control import GradControl
@@ -42,10 +44,11 @@ class _GroupPlan:
     """What the step of one param group needs, cached while the group's tensors do not change.
 
     ``watch`` (native, csrc/common/tensor_watch.h) records which positions have a gradient and what
-    the tables hold (addresses, element counts, dtypes); its ``check`` compares the live tensors
-    with that record in one C loop every step, storage bounds included. Gradients are held by weak
-    reference only: after ``zero_grad(set_to_none=True)`` the old gradients are freed as they would
-    be with torch's optimizers, instead of living on in the cache until the next step."""
+    the tables hold (addresses, element counts, dtypes); its ``refresh`` compares the live tensors
+    with that record in one C loop every step, storage bounds included, and points the tables at
+    new gradient tensors that fit (nothing else touches the gradient row after the build). No
+    gradient is held: after ``zero_grad(set_to_none=True)`` the old gradients are freed as they
+    would be with torch's optimizers, instead of living on in the cache until the next step."""
 
     params: list  # the group's params list object (identity is checked)
     key: tuple  # structure flags (amsgrad, momentum on/off): a change rebuilds the plan
@@ -58,8 +61,18 @@ class _GroupPlan:
         """The gradients of the active positions, in bucket order."""
         return [grads[i] for i in self.active] if len(self.active) < 2 else list(operator.itemgetter(*self.active)(grads))
 
+    def upload_rows(self) -> None:
+        """Make the kernels see gradient addresses the watch wrote into the host rows (a copy per
+        table on CUDA; nothing to do on the CPU, where the kernels read the host rows)."""
+        if self.device.type == "cuda":
+            for bucket in self.buckets:
+                bucket.table.upload_rows()
+
 
 _grad_of = operator.attrgetter("grad")
+# torch.optim's global step pre and post hooks (register_optimizer_step_pre_hook, ...).
+_GLOBAL_STEP_HOOKS = tuple(getattr(_torch_optimizer, name, {}) for name in (
+    "_global_optimizer_pre_hooks", "_global_optimizer_post_hooks"))
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -180,25 +193,29 @@ class FusedOptimizer(torch.optim.Optimizer):
         return ()
 
     def _plan(self, gi: int, group: dict, grads: Optional[list] = None, key: object = None) -> _GroupPlan:
-        """The cached plan of a group, refreshed as little as needed: when nothing changed, one
-        native check (reads ``.grad``, compares identities and addresses); when only the gradient
-        tensors changed (``zero_grad(set_to_none=True)`` + backward, every step), a bulk check of
-        the new gradients and a rewrite of one table row; otherwise a rebuild. ``grads`` (default:
-        every parameter's ``.grad``) and ``key`` (default: the group index) let :meth:`step_subset`
-        cache plans over part of a group; None entries are skipped."""
+        """The cached plan of a group, refreshed as little as needed: one native call reads every
+        ``.grad`` and compares each parameter (identity, address, size, bounds) and each gradient
+        (address, size, dtype, device, bounds, lazy view) with what the tables hold; when only
+        gradient addresses changed (``zero_grad(set_to_none=True)`` + backward, every step), it
+        writes them into the tables. Anything else (a gradient that does not fit included: the
+        rebuild's checks name it) rebuilds the plan. ``grads`` (default: every parameter's
+        ``.grad``) and ``key`` (default: the group index) let :meth:`step_subset` cache plans over
+        part of a group; None entries are skipped."""
         params = group["params"]
         key = gi if key is None else key
         plan = self._plans.get(key)
         if (plan is not None and plan.params is params and plan.key == self._structure_key(group)
                 and self._owns_steps(plan)):
-            status, picked, addrs = plan.watch.check(params, grads)
+            status = plan.watch.refresh(params, grads)
             if status == _kernels.WATCH_UNCHANGED:
-                return plan  # the fast path: nothing changed since the last step
-            if status == _kernels.WATCH_NEW_GRADS and self._refresh_grads(gi, plan, picked, addrs):
-                return plan  # same active set, new gradient tensors
+                return plan  # the fast path: the tables hold valid addresses
+            if status == _kernels.WATCH_NEW_GRADS:
+                plan.upload_rows()
+                return plan  # same active set, new gradient tensors, already in the host rows
         if grads is None:
             grads = list(map(_grad_of, params))
-        plan = self._build_plan(gi, group, grads)
+        with torch.no_grad():  # states are made from parameters, which may require grad
+            plan = self._build_plan(gi, group, grads)
         # A plan's tables own the step counts of its parameters (state["step"] are views into
         # them): plans over the same parameters under other keys now hold stale counts.
         self._plans = {k: v for k, v in self._plans.items()
@@ -214,23 +231,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             return True
         first = plan.buckets[0]
         return self.state[plan.params[first.indices[0]]]["step"]._base is first.table.steps
-
-    def _refresh_grads(self, gi: int, plan: _GroupPlan, picked: list, addrs: Optional[list]) -> bool:
-        """Point the tables at new gradient tensors. The native check has already matched each with
-        its slot (element count, dtype, device, contiguity, storage bounds, no lazy view) and read its
-        address; when one did not fit (``addrs`` None), the per-tensor checks raise an error naming
-        the parameter. False when they pass all the same: the caller rebuilds the plan, which reads
-        every tensor again."""
-        if addrs is None:
-            for g, i in zip(picked, plan.active):
-                _kernels.check_grad(g, plan.params[i], self._param_name(gi, i))
-            return False
-        start = 0
-        for bucket in plan.buckets:
-            bucket.table.replace_grad_addresses(addrs[start:start + len(bucket.indices)])
-            start += len(bucket.indices)
-        plan.watch.set_grads(picked, addrs)
-        return True
 
     def _build_plan(self, gi: int, group: dict, grads: list) -> _GroupPlan:
         params = group["params"]
@@ -253,7 +253,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         device = params[0].device if params else torch.device("cpu")
         active = [i for b in buckets for i in b.indices]
         plan = _GroupPlan(params, self._structure_key(group), buckets, device, active)
-        plan.watch = _kernels.tensor_watch(params, active, plan.pick(grads))
+        plan.watch = _kernels.tensor_watch(params, active, plan.pick(grads), [b.table.host_rows for b in buckets])
         return plan
 
     def _make_bucket(self, group: dict, indices: list, grads: list, fresh: dict) -> _Bucket:
@@ -286,26 +286,44 @@ class FusedOptimizer(torch.optim.Optimizer):
         on the parameters' device; None when the last step neither clipped nor unscaled."""
         return self._grad_control.last_norm
 
-    def step(self, closure: Optional[Callable[[], Any]] = None, grad_scaler=None):
-        """One optimizer step. ``grad_scaler`` is passed by ``torch.amp.GradScaler.step``: the
-        gradients are then unscaled and checked for inf/NaN inside the fused pass, and the step is
-        skipped (parameters, states and step counts unchanged) when any is not finite."""
+    def _step(self, closure: Optional[Callable[[], Any]] = None, grad_scaler=None):
+        # No autograd-visible work happens here outside a plan build, which disables grad itself:
+        # the rest needs no grad mode switch (two of them cost ~10 us a step with cold caches).
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with torch.no_grad():
-            plans = [(group, self._plan(gi, group)) for gi, group in enumerate(self.param_groups)]
-            plans = [(group, plan) for group, plan in plans if plan.buckets]
-            tables = [bucket.table for _, plan in plans for bucket in plan.buckets]
-            control = self._grad_control.for_step(self, tables, self.max_grad_norm, grad_scaler)
-            if control is None:
-                return loss  # skipped: a gradient was not finite
-            threads = torch.get_num_threads()
-            for group, plan in plans:
-                for bucket in plan.buckets:
-                    self._kernel(bucket.table, group, control, threads)
+        plans = [(group, self._plan(gi, group)) for gi, group in enumerate(self.param_groups)]
+        plans = [(group, plan) for group, plan in plans if plan.buckets]
+        tables = [bucket.table for _, plan in plans for bucket in plan.buckets]
+        control = self._grad_control.for_step(self, tables, self.max_grad_norm, grad_scaler)
+        if control is None:
+            return loss  # skipped: a gradient was not finite
+        threads = torch.get_num_threads()
+        for group, plan in plans:
+            for bucket in plan.buckets:
+                self._kernel(bucket.table, group, control, threads)
         return loss
+
+    # torch's wrapper of step(): a profiler annotation, the step hooks and a profiler entry point.
+    _observed_step = torch.optim.Optimizer.profile_hook_step(_step)
+
+    def step(self, closure: Optional[Callable[[], Any]] = None, grad_scaler=None):
+        """One optimizer step. ``grad_scaler`` is passed by ``torch.amp.GradScaler.step``: the
+        gradients are then unscaled and checked for inf/NaN inside the fused pass, and the step is
+        skipped (parameters, states and step counts unchanged) when any is not finite.
+
+        Step hooks (``register_step_pre_hook``/``post_hook``, global ones included) run, and the
+        profiler sees the step, exactly as torch.optim arranges it; torch's wrapper is only entered
+        when there is a hook or a running profiler, because it costs tens of microseconds a step
+        once the kernel has pushed its code and data out of the caches."""
+        if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _GLOBAL_STEP_HOOKS[0]
+                or _GLOBAL_STEP_HOOKS[1] or torch.autograd._profiler_enabled()):
+            args = () if closure is None else (closure,)
+            return self._observed_step(*args, **({} if grad_scaler is None else {"grad_scaler": grad_scaler}))
+        return self._step(closure, grad_scaler)
+
+    step.hooked = True  # torch.optim then leaves step() as it is instead of wrapping it
 
     # ----- stepping a subset (trainpatterns.distributed: update each bucket once it is reduced) -----
 
@@ -337,15 +355,14 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._plans[key] = where
         control = _kernels.grad_control(1.0)
         threads = torch.get_num_threads()
-        with torch.no_grad():
-            for gi, idx in where:
-                group = self.param_groups[gi]
-                grads = [None] * len(group["params"])
-                for i in idx:
-                    grads[i] = group["params"][i].grad
-                plan = self._plan(gi, group, grads, key + (gi,))
-                for bucket in plan.buckets:
-                    self._kernel(bucket.table, group, control, threads)
+        for gi, idx in where:
+            group = self.param_groups[gi]
+            grads = [None] * len(group["params"])
+            for i in idx:
+                grads[i] = group["params"][i].grad
+            plan = self._plan(gi, group, grads, key + (gi,))
+            for bucket in plan.buckets:
+                self._kernel(bucket.table, group, control, threads)
 
     def _kernel(self, table: _kernels.KernelTable, group: dict, control, threads: int) -> None:
         raise NotImplementedError

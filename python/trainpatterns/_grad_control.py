@@ -32,6 +32,9 @@ from . import _kernels
 # every such call. The message is specific to that handshake, so silencing it hides nothing else.
 warnings.filterwarnings("ignore", message="GradScaler is going to stop passing itself", category=FutureWarning)
 
+# The control of a step that neither unscales nor clips: the kernels only read it.
+_UNIT = _kernels.grad_control(1.0)
+
 
 @dataclass
 class _Scaling:
@@ -86,6 +89,9 @@ class GradControl:
                 device = grad_scaler._scale.device
                 scaling.state["found_inf_per_device"] = {device: torch.zeros((), dtype=torch.float32, device=device)}
             return _kernels.grad_control(1.0)
+        if not need_norm and scaling.inv_scale is None and not scaling.already_found:
+            self.last_norm = None
+            return _UNIT  # the usual step: nothing to unscale, check or clip, on any device
         devices = {t.device for t in tables}
         if devices == {torch.device("cpu")}:
             return self._on_cpu(tables, scaling, max_grad_norm, need_norm)

@@ -16,7 +16,7 @@ import torch
 
 from .. import _C
 from ._native import (DTYPE_TAGS, N_ROWS, ROW_GRAD, ROW_MASTER, ROW_NUMEL, ROW_PARAM, ROW_PREFIX, ROW_STATE0,
-                      ROW_STATE1, ROW_STATE2, address, device_rows, launch_args, rewrite_row)
+                      ROW_STATE1, ROW_STATE2, address, device_rows, launch_args)
 
 
 @dataclass
@@ -26,7 +26,9 @@ class KernelTable:
     Invariants: every tensor is contiguous and lives on ``device``; grads match their params in
     dtype and shape; ``steps`` is a float32 tensor of ``n`` entries on ``device`` that the kernels
     increment. The table keeps references to everything it points to except the gradients, which
-    the optimizer revalidates (identity and address) before every launch.
+    the optimizer's TensorWatch revalidates (address, size, dtype, device, bounds) before every
+    launch, rewriting the gradient row of ``host_rows`` in place when backward made new gradient
+    tensors.
     """
 
     device: torch.device
@@ -42,10 +44,10 @@ class KernelTable:
     def n(self) -> int:
         return self.host_rows.shape[1]
 
-    def replace_grad_addresses(self, addrs: list) -> None:
-        """Point the table at new gradient tensors, given their addresses (the caller has checked
-        the tensors and keeps them alive for the launch)."""
-        if rewrite_row(self.host_rows, ROW_GRAD, addrs) and self.device.type == "cuda":
+    def upload_rows(self) -> None:
+        """After the host rows changed (TensorWatch.refresh rewrote gradient addresses): make the
+        kernels see them. A CPU table reads its host rows directly; a CUDA table gets a new copy."""
+        if self.device.type == "cuda":
             self._upload()
 
     def _upload(self) -> None:
