@@ -20,11 +20,7 @@ struct Epoch {
   int64_t count;        // batches pushed
 };
 
-struct Done {
-  int slot;
-  int64_t rows;
-  std::string error;
-};
+struct Done { int slot; int64_t rows; std::string error; };  // a gathered (or failed) batch
 
 // A batch being gathered, split into chunks of rows that any worker may take.
 struct InFlight {
@@ -38,6 +34,10 @@ struct InFlight {
 };
 
 namespace {
+
+using Clock = std::chrono::steady_clock;
+
+Clock::duration seconds(double s) { return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(s)); }
 
 // Checks a configuration before anything starts; throws std::invalid_argument naming the problem.
 PrefetcherConfig validated(PrefetcherConfig cfg) {
@@ -102,10 +102,17 @@ struct PrefetchState {
   int64_t pushed = 0;   // batches in all pushed epochs
   int64_t claimed = 0;  // next sequence number a worker will start
   // Refill hysteresis: once `prefetch` batches are in flight, no new batch starts until the
-  // consumer has taken them down to half of that, so each wake-up of a sleeping worker (a
-  // scheduling delay on a busy machine) is paid once per prefetch/2 batches, not once per batch.
+  // consumer has taken them down to half of that (a sleeping worker's wake-up, a scheduling delay
+  // on a busy machine, is paid once per prefetch/2 batches). Meanwhile the worker sleeps paced by
+  // the consumer's rate: it wakes by itself when the consumer should be there, so a take needs no
+  // wake-up call (a system call plus, on a virtual machine, an interrupt to the idle core: tens
+  // of microseconds on the consumer's core). Only workers sleeping without a deadline (nothing to
+  // pace by, or paced wake-ups that found no work) are woken by a call.
   bool refill = true;
   const int64_t low_water;
+  int unpaced_sleepers = 0;
+  Clock::time_point last_take{};
+  double take_interval_s = 0;  // moving average of the time between takes; 0: unknown
   const int64_t chunk_rows;  // rows per unit of work
   std::map<int64_t, InFlight> active;  // started batches with chunks not all finished
   int64_t taken = 0;    // next sequence number the consumer takes
@@ -126,13 +133,28 @@ struct PrefetchState {
 
   bool has_work_locked() const { return unclaimed_locked() >= 0 || can_start_locked(); }
 
+  // When a worker waiting for the low-water mark should look again: a little after the consumer is
+  // expected to reach it. max() when there is nothing to pace by.
+  Clock::time_point pace_deadline_locked() const {
+    const int64_t takes = claimed - taken - low_water;  // takes left before refill
+    if (refill || take_interval_s <= 0 || takes <= 0 || claimed >= pushed || !error.empty())
+      return Clock::time_point::max();
+    return last_take + seconds(take_interval_s * (static_cast<double>(takes) + 0.25));
+  }
+
+  // Whether a change the consumer made (a take, a released buffer) must wake a sleeping worker:
+  // only when there is work, and only workers with no deadline of their own.
+  bool must_wake_locked() const { return unpaced_sleepers > 0 && has_work_locked(); }
+
   // A view's deleter: the last view of a slot frees it, which may let a worker start a batch.
   void release_view(int slot) {
+    bool wake;
     {
       std::lock_guard<std::mutex> lk(mu);
       if (!pool.release_view(slot)) return;
+      wake = must_wake_locked();
     }
-    work_cv.notify_all();
+    if (wake) work_cv.notify_all();
   }
 };
 
@@ -231,8 +253,12 @@ bool Prefetcher::next(double timeout_s, TakenBatch* out) {
   if (st.stop) throw std::runtime_error("the prefetcher is closed");
   // Clamped to a day: an infinite timeout would overflow the clock arithmetic.
   const double wait_s = std::min(std::max(0.0, timeout_s), 86400.0);
-  const auto deadline = std::chrono::steady_clock::now() +
-                        std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(wait_s));
+  const auto deadline = Clock::now() + seconds(wait_s);
+  if (st.done.count(st.taken) == 0 && st.has_work_locked()) {  // about to wait: wake paced sleepers
+    lk.unlock();
+    st.work_cv.notify_all();
+    lk.lock();
+  }
   const bool ready = st.ready_cv.wait_until(lk, deadline, [&] { return st.stop || st.done.count(st.taken) > 0; });
   if (st.stop) throw std::runtime_error("the prefetcher is closed");
   if (!ready) return false;
@@ -250,14 +276,19 @@ bool Prefetcher::next(double timeout_s, TakenBatch* out) {
   out->seq = st.taken++;
   out->rows = d.rows;
   out->slot = d.slot;
+  const auto now = Clock::now();
+  const double since = std::chrono::duration<double>(now - st.last_take).count();
+  if (st.last_take != Clock::time_point{})
+    st.take_interval_s = st.take_interval_s > 0 ? 0.75 * st.take_interval_s + 0.25 * since : since;
+  st.last_take = now;
   if (st.claimed - st.taken <= st.low_water) st.refill = true;
   st.pool.set_views(d.slot, static_cast<int>(st.cfg.sources.size()));
   // Epochs whose batches have all been taken are no longer needed by any worker.
   while (!st.epochs.empty() && st.epochs.front().first_seq + st.epochs.front().count <= st.taken)
     st.epochs.pop_front();
-  const bool wake = st.refill;
+  const bool wake = st.must_wake_locked();  // below low water, with batches left to start
   lk.unlock();
-  if (wake) st.work_cv.notify_all();  // below low water: workers may start batches again
+  if (wake) st.work_cv.notify_all();
   return true;
 }
 
@@ -295,7 +326,16 @@ void Prefetcher::worker() {
     std::string error;
     {
       std::unique_lock<std::mutex> lk(st.mu);
-      st.work_cv.wait(lk, [&] { return st.stop || st.has_work_locked(); });
+      for (int paced = 0; !st.stop && !st.has_work_locked();) {
+        const auto due = st.pace_deadline_locked();
+        if (due == Clock::time_point::max() || paced++ == 2) {
+          ++st.unpaced_sleepers;
+          st.work_cv.wait(lk);
+          --st.unpaced_sleepers;
+        } else {
+          st.work_cv.wait_until(lk, due);
+        }
+      }
       if (st.stop) return;
       seq = st.unclaimed_locked();
       if (seq < 0) {  // start the next batch: locate its rows, take a buffer

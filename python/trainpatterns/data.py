@@ -25,21 +25,24 @@ Invariants the tests hold us to:
 * The position (``state_dict()``) counts batches *handed to the user*, never prefetched ones.
 * A batch buffer is reused only after every tensor sharing its storage has been freed (and, on a
   GPU, after its copy has completed): a batch the user holds never changes.
+
+Orders are drawn ahead of time, in the background (``_loader_order``); an iteration
+(``_loader_iter``) hands them to the threads a chunk of batches at a time.
 """
 from __future__ import annotations
 
 import os
 import weakref
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from . import _kernels
-from ._device_copy import DeviceStage, device_prefetch
+from ._device_copy import device_prefetch
 from ._loader_args import check_int, resolve_device
+from ._loader_iter import INHERITED_THROUGH_FORK, LoaderIterator
+from ._loader_order import EpochOrders, epoch_order, rank_rows  # noqa: F401 (epoch_order: re-exported)
 from .data_store import open_array_store, write_array_store
 
 __all__ = ["PrefetchLoader", "device_prefetch", "open_array_store", "write_array_store"]
@@ -50,28 +53,6 @@ Sources = Union[Mapping[str, Any], Sequence[Any], np.ndarray, torch.Tensor]
 def _default_threads() -> int:
     # Half the cores (at most 4): the rest stay with the model's own threads.
     return max(1, min(4, (os.cpu_count() or 1) // 2))
-
-
-def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-    """The rows epoch ``epoch`` visits, in order (int64): a permutation drawn from (seed, epoch)."""
-    if not shuffle:
-        return np.arange(num_rows, dtype=np.int64)
-    return np.random.Generator(np.random.PCG64([seed, epoch])).permutation(num_rows).astype(np.int64, copy=False)
-
-
-def shard_order(order: np.ndarray, rank: int, world_size: int, drop_last: bool) -> np.ndarray:
-    """Rank ``rank``'s share of an epoch's order, as DistributedSampler splits it: the order is wrapped
-    around to the next multiple of ``world_size`` (``drop_last``: cut to the one below), then rank
-    ``r`` takes every ``world_size``-th row from position ``r``."""
-    if world_size == 1:
-        return order
-    total = rank_rows(len(order), world_size, drop_last) * world_size
-    return np.ascontiguousarray(np.resize(order, total)[rank::world_size])
-
-
-def rank_rows(num_rows: int, world_size: int, drop_last: bool) -> int:
-    """Rows each rank visits per epoch."""
-    return num_rows // world_size if drop_last else -(-num_rows // world_size)
 
 
 class _Structure:
@@ -137,7 +118,9 @@ class PrefetchLoader:
     batch in loader: ...`` sees E different permutations. Only one iteration runs at a time: a new
     ``iter()`` closes the previous one. ``len()`` is batches per epoch (also in endless mode).
     ``close()``, leaving a ``for`` loop early, or dropping the iterator stop the threads; batches
-    already handed out stay valid.
+    already handed out stay valid. A loop that runs to its end leaves them waiting, idle, for the
+    next iteration (until ``close()`` or the loader is dropped), and the next epoch's order is drawn
+    in the background meanwhile: a new epoch's first batch waits only for its own gather.
     """
 
     def __init__(self, sources: Sources, batch_size: int, *, shuffle: bool = False, seed: int = 0,
@@ -169,6 +152,10 @@ class PrefetchLoader:
         self._batch = 0  # batches of the current epoch handed to the user
         self._pinned: Optional[list] = None  # CUDA: the pinned host pool, allocated once
         self._active: Optional[weakref.ref] = None
+        self._idle: Optional[tuple] = None  # (native prefetcher, pid) kept from an iteration that ended
+        self._orders = EpochOrders(self.num_rows, self.shuffle, self.rank, self.world_size, self.drop_last,
+                                   self.batch_size, warm=[s for s in self._sources if s.file is not None])
+        self._orders.prefetch(self.seed, self._epoch)  # so that the first iteration need not wait for it
 
     @classmethod
     def from_store(cls, path: Union[str, os.PathLike], batch_size: int, **kwargs: Any) -> "PrefetchLoader":
@@ -197,6 +184,7 @@ class PrefetchLoader:
         epoch = check_int("epoch", epoch, 0)
         self._stop_active()
         self._epoch, self._batch = epoch, 0
+        self._orders.prefetch(self.seed, epoch)
 
     def state_dict(self) -> dict:
         """The position after the last batch handed to the user (prefetched ones do not count)."""
@@ -224,17 +212,19 @@ class PrefetchLoader:
         self.seed, self._epoch, self._batch = seed, epoch, batch
         if self._batch == len(self) and len(self) > 0:
             self._epoch, self._batch = self._epoch + 1, 0
+        self._orders.prefetch(self.seed, self._epoch, self._batch)
 
     # ---- iteration ----
-    def __iter__(self) -> "_LoaderIterator":
+    def __iter__(self) -> LoaderIterator:
         self._stop_active()
-        it = _LoaderIterator(self)
+        it = LoaderIterator(self)
         self._active = weakref.ref(it)
         return it
 
     def close(self) -> None:
         """Stop the running iteration's threads (the loader itself can be iterated again)."""
         self._stop_active()
+        self._close_idle()
 
     def __enter__(self) -> "PrefetchLoader":
         return self
@@ -244,7 +234,7 @@ class PrefetchLoader:
 
     def __del__(self) -> None:
         try:
-            self._stop_active()
+            self.close()
         except Exception:  # interpreter shutdown: nothing left to stop
             pass
 
@@ -253,6 +243,29 @@ class PrefetchLoader:
         if it is not None:
             it.close()
         self._active = None
+
+    def _keep_idle(self, native) -> None:
+        """Keep the threads of an iteration that ran to its end (nothing left queued) for the next
+        one: the next epoch's first batch then needs no new threads, and its buffer is already in
+        memory. They wait idle until then, or until close()."""
+        self._close_idle()
+        self._idle = (native, os.getpid())
+
+    def _take_idle(self):
+        """The kept threads, now the caller's; None when there are none, or when they were started
+        by the parent of a fork (and so do not exist here)."""
+        idle, self._idle = self._idle, None
+        if idle is None:
+            return None
+        if idle[1] != os.getpid():
+            INHERITED_THROUGH_FORK.append(idle[0])  # destroying it would join the parent's threads
+            return None
+        return idle[0]
+
+    def _close_idle(self) -> None:
+        native = self._take_idle()
+        if native is not None:
+            native.close()
 
     def _pinned_pool(self) -> list:
         """Pinned host buffers for the CUDA path: per slot, one per source; allocated once."""
@@ -263,161 +276,8 @@ class PrefetchLoader:
                              for s in self._sources] for _ in range(slots)]
         return self._pinned
 
-    def _advance(self, n_batches: int) -> bool:
-        """One batch was handed to the user: move the position. True when a new epoch began."""
+    def _advance(self, n_batches: int) -> None:
+        """One batch was handed to the user: move the position."""
         self._batch += 1
         if self._batch == n_batches:
             self._epoch, self._batch = self._epoch + 1, 0
-            return True
-        return False
-
-
-# Native prefetchers a forked child inherited: destroying one would join threads that exist only in
-# the parent process.
-_INHERITED_THROUGH_FORK: list = []
-
-
-class _LoaderIterator:
-    """One iteration of a PrefetchLoader: owns the native threads until exhausted or closed."""
-
-    def __init__(self, loader: PrefetchLoader):
-        self._loader = loader
-        self._pid = os.getpid()  # threads do not survive fork(): see __next__
-        self._n = len(loader)
-        self._closed = False
-        self._native = None
-        self._stage: Optional[DeviceStage] = None
-        self._copies: deque = deque()  # CUDA: (device tensors, event) copied ahead, not yet handed
-        # Batches this iteration still hands out (None: endless); epochs pushed to the threads.
-        if self._n == 0:
-            self._remaining: Optional[int] = 0
-        elif loader.epochs is None:
-            self._remaining = None
-        else:
-            self._remaining = (self._n - loader._batch) + (loader.epochs - 1) * self._n
-        self._next_push = loader._epoch  # next epoch whose batches go to the threads
-        self._to_take = 0  # batches scheduled for the threads but not taken from them yet
-        if self._remaining == 0:
-            self._closed = True
-            return
-        external = ()
-        if loader.device.type == "cuda":
-            self._stage = DeviceStage(loader.device)
-            external = loader._pinned_pool()
-        self._native = _kernels.make_prefetcher(loader._sources, batch_size=loader.batch_size,
-                                                prefetch=loader.prefetch, num_threads=loader.num_threads,
-                                                external=external)
-        # Drawing a permutation of a million rows takes tens of milliseconds: a helper thread draws
-        # and pushes each epoch's order (numpy releases the GIL while shuffling), one epoch ahead,
-        # so the consumer never waits at an epoch boundary. One worker: epochs arrive in order.
-        self._pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainpatterns-order")
-        self._pushes: deque = deque()  # futures of scheduled pushes, oldest first
-        self._schedule_epoch(first_batch=loader._batch)
-        self._schedule_epoch(first_batch=0)  # the following epoch too, so no stall at the boundary
-
-    def _schedule_epoch(self, first_batch: int) -> None:
-        ld = self._loader
-        count = self._n - first_batch
-        if self._remaining is not None:
-            count = min(count, self._remaining - self._to_take - len(self._copies))
-            if count <= 0:
-                return  # everything this iteration hands out is already scheduled
-        self._pushes.append(self._pusher.submit(_push_epoch, self._native, ld, self._next_push, first_batch))
-        self._to_take += count
-        self._next_push += 1
-
-    def _check_pushes(self) -> None:
-        """Raise what a finished push raised (runs while waiting for a batch)."""
-        while self._pushes and self._pushes[0].done():
-            self._pushes.popleft().result()
-
-    def __iter__(self) -> "_LoaderIterator":
-        return self
-
-    def _on_wait(self) -> None:
-        self._check_pushes()
-        if self._stage is not None:
-            self._stage.reap(block=True)  # the threads may be short of pinned buffers
-
-    def _take_host(self) -> list:
-        _, tensors = _kernels.next_batch(self._native, on_wait=self._on_wait)
-        self._to_take -= 1
-        return tensors
-
-    def __next__(self):
-        if self._closed:
-            raise StopIteration
-        if os.getpid() != self._pid:
-            # A forked child inherits this object but not its gather threads: waiting would hang.
-            raise RuntimeError("this PrefetchLoader iterator was started in another process (the parent of a "
-                               "fork); start a new iteration in this process (iter(loader))")
-        if self._remaining == 0:
-            self.close()
-            raise StopIteration
-        ld = self._loader
-        try:
-            if ld._batch == 0:  # before each epoch: the memory the threads read is still where it was
-                for s in ld._sources:
-                    s.check_memory()
-            if self._stage is None:
-                tensors = self._take_host()
-            else:
-                self._stage.reap()  # host buffers whose copy is done go back to the pool
-                # Keep one copy queued behind the batch handed now, so it overlaps the user's work.
-                while self._to_take > 0 and len(self._copies) < 2:
-                    self._copies.append(self._stage.start(self._take_host()))
-                tensors = self._stage.hand(*self._copies.popleft())
-            batch = ld._structure.build(tensors)
-            if ld.transform is not None:
-                batch = ld.transform(batch)
-        except BaseException:
-            # A failed gather, a failing transform or Ctrl-C ends the iteration and stops the
-            # threads now; the position still counts only batches handed out, so iterating again
-            # resumes at the batch that was not delivered.
-            self.close()
-            raise
-        if self._remaining is not None:
-            self._remaining -= 1
-        if ld._advance(self._n):
-            self._schedule_epoch(first_batch=0)
-        return batch
-
-    def close(self) -> None:
-        """Stop the threads and wait for in-flight copies; idempotent."""
-        if self._native is not None and os.getpid() != self._pid:
-            # Inherited through fork(): the threads live in the parent only, and joining them here
-            # would hang, so the native object is kept (never destroyed) and forgotten.
-            _INHERITED_THROUGH_FORK.append(self._native)
-            self._native, self._stage = None, None
-            self._copies.clear()
-        if self._native is not None:
-            self._native.close()  # a push still queued now fails quietly (see _push_epoch)
-            self._pusher.shutdown(wait=True, cancel_futures=True)
-            self._pushes.clear()
-            self._native = None
-        if self._stage is not None:
-            self._copies.clear()
-            self._stage.close()
-            self._stage = None
-        self._closed = True
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown
-            pass
-
-
-def _push_epoch(native, ld: PrefetchLoader, epoch: int, first_batch: int) -> None:
-    """Draw one epoch's order (this rank's share) and hand it to the native threads (runs on the
-    helper thread; it holds no reference to the iterator, so dropping the iterator is never delayed
-    by it)."""
-    order = shard_order(epoch_order(ld.num_rows, ld.seed, epoch, ld.shuffle), ld.rank, ld.world_size, ld.drop_last)
-    if native.closed:
-        return
-    try:
-        native.push_epoch(order, ld.drop_last, first_batch)
-    except RuntimeError:
-        if not native.closed:  # closed in the meantime: nobody waits for this epoch any more
-            raise
-

@@ -70,6 +70,22 @@ class LoaderSource:
                                    f"(share_memory_(), or sending it to another process?); make a new "
                                    f"PrefetchLoader over the tensor as it is now")
 
+    def touch(self, rows: np.ndarray) -> None:
+        """Read one element of each of ``rows`` of a memory-mapped file, so that the pages holding
+        them are mapped (and read from disk) before the gather threads need them. Does nothing for
+        other sources, or when the file no longer holds every row: reading past a file's end would
+        end the process (SIGBUS), and the gather reports that as an error instead."""
+        if self.file is None or self.row_bytes == 0 or len(rows) == 0:
+            return
+        path, dev, ino, end = self.file
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        if (st.st_dev, st.st_ino) == (dev, ino) and st.st_size >= end:
+            a = self.owner[0]
+            a.reshape(a.shape[0], -1)[rows, 0]
+
 
 def slot_rows(batch_size: int, num_rows: int) -> int:
     """Rows one batch buffer needs: a batch never holds more rows than the sources have."""
