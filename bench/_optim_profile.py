@@ -9,11 +9,17 @@ loops). A second optimizer with the same tensors has those three methods wrapped
 its steps are timed in turns with everything else, so each phase is measured inside real steps,
 in the cache state a step leaves it in. What a step takes beyond the three is the Python around.
 
+:func:`grad_read_floor` is the floor of any step that must notice a gradient swapped between steps
+(``p.grad = other``, or ``zero_grad(set_to_none=True)`` + backward): the kernel alone, then one read
+of every parameter's ``.grad`` and nothing else. After the kernel's pass those tensor objects are
+out of the cache, so the read costs far more than the same loop on hot objects.
+
 This wraps private methods of the optimizer; when they change, :func:`profiled_step` returns None
 and the profile is left out (the benchmark itself still runs).
 """
 from __future__ import annotations
 
+import operator
 import statistics
 import time
 from typing import Callable, Optional
@@ -25,6 +31,23 @@ PHASES = ("plan lookup: check + gradient refresh (TensorWatch.refresh)",
 REST = "Python around them (step() minus the above)"
 WHOLE = "whole step, ours (timed with the phases)"
 TORCH = "whole step, torch (same gradients)"
+
+
+FLOOR = "  floor: kernel + one read of every .grad"
+
+
+def grad_read_floor(kernel: Optional[Variant], opt) -> Optional[Variant]:
+    """The kernel-only call of ``opt`` followed by one C-level read of every parameter's ``.grad``:
+    a lower bound on a step that checks its gradients. None without the kernel-only row."""
+    if kernel is None:
+        return None
+    params = [p for group in opt.param_groups for p in group["params"]]
+    grad_of = operator.attrgetter("grad")
+
+    def run() -> None:
+        kernel.fn()
+        list(map(grad_of, params))
+    return Variant(FLOOR, run, role="info")
 
 
 class _PhaseClock:

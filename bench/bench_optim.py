@@ -36,7 +36,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (Result, Target, Variant, apply_threads, common_parser, environment,  # noqa: E402
                      format_table, format_targets, measure, write_json)
-from _optim_profile import format_profile, profile, profiled_step, without_phases  # noqa: E402
+from _optim_profile import (FLOOR, format_profile, grad_read_floor, profile, profiled_step,  # noqa: E402
+                            without_phases)
 
 import trainpatterns  # noqa: E402,F401
 from trainpatterns import _kernels  # noqa: E402
@@ -238,7 +239,7 @@ def case_b(cfg: dict) -> dict:
     ko = kernel_only(ours, "  ours: native kernel only", "adam")
     if ko is not None:
         ko.bytes_per_call = 28 * n
-        variants.append(ko)
+        variants += [ko, grad_read_floor(ko, ours)]
 
     # New gradient tensors before every step, as zero_grad(set_to_none=True) + backward give:
     # two pools of gradients, each step takes the one not in place, so both the tensor objects and
@@ -280,6 +281,8 @@ def case_b(cfg: dict) -> dict:
         Target("(b) ours: Python share of the step (1 - kernel only / ours)",
                1.0 - by["  ours: native kernel only"].median / ours_r.median, None)
         if "  ours: native kernel only" in by else None,
+        Target("(b) floor of a checked step: torch fused / (kernel + one read of every .grad)",
+               by["torch AdamW fused"].median / by[FLOOR].median, None) if FLOOR in by else None,
     ]
     targets = [t for t in targets if t is not None]
     title = (f"(b) AdamW, {len(shapes)} tensors x {shapes[0][0]} fp32 ({n / 1e6:.2f}M params, "

@@ -29,13 +29,16 @@ SLOW = {
     # Optuna in the same process and 3 seeds of two test functions: minutes, not seconds.
     "bench_tuning.py": ["--quick", "--seeds", "1"],
 }
+# The sweeps: each tool's series at every size, for bench/plots.py (tuning needs Optuna: slow).
+SWEEPS = {"optim,loader,checkpoint": ["optim_step_vs_params", "loader_samples_vs_threads", "checkpoint_stall_vs_state"],
+          "tuning": ["tuning_suggestion_vs_trials"]}
 DISTRIBUTED = {"bench_allreduce.py": ["--quick", "--repeats", "2"],
                "bench_pipeline.py": ["--quick", "--rounds", "1", "--width", "128", "--batch", "64"]}
 
 
 def test_every_benchmark_is_covered():
     scripts = {p.name for p in BENCH.glob("bench_*.py")}
-    assert scripts == set(SINGLE) | set(SLOW) | set(DISTRIBUTED)
+    assert scripts == set(SINGLE) | set(SLOW) | set(DISTRIBUTED) | {"bench_sweeps.py"}
 
 
 def check_output(name: str, code, out: str, err: str, json_path: Path) -> None:
@@ -92,3 +95,25 @@ def test_plots_draws_every_sweep_it_finds(tmp_path):
         assert img.shape[0] > 100 and img.std() > 0.01  # drawn, not blank
     assert plots.main([str(tmp_path / "none.json"), "--out", str(tmp_path / "png2")]) == 1
     assert not (tmp_path / "png2").exists()
+
+
+@pytest.mark.parametrize("parts", [pytest.param(p, marks=pytest.mark.slow) if p == "tuning" else p for p in SWEEPS])
+def test_sweeps_give_every_tool_at_every_size_and_plots_draw_them(parts, tmp_path):
+    if parts == "tuning":
+        pytest.importorskip("optuna")
+    out_json = tmp_path / "sweeps.json"
+    res = subprocess.run([sys.executable, str(BENCH / "bench_sweeps.py"), "--quick", "--repeats", "1", "--part", parts,
+                          "--json", str(out_json)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
+    sweeps = json.loads(out_json.read_text())["sweeps"]
+    assert [s["name"] for s in sweeps] == SWEEPS[parts]
+    for s in sweeps:
+        sizes = [sorted(x for x, _ in points) for points in s["series"].values()]
+        assert len(sizes) >= 2 and len(sizes[0]) >= 2 and all(xs == sizes[0] for xs in sizes), s
+        assert all(y > 0 for points in s["series"].values() for _, y in points), s
+        assert "ours vs" in res.stdout  # the table with the ratio at each size
+    sys.path.insert(0, str(BENCH))
+    import plots
+
+    assert plots.main([str(out_json), "--out", str(tmp_path / "png")]) == 0
+    assert sorted(p.stem for p in (tmp_path / "png").glob("*.png")) == sorted(SWEEPS[parts])
