@@ -19,7 +19,7 @@ independently of how often the timed call ran, with the tolerance stated beside 
   bf16 wire): against torch.cat + mul + cast and a copy loop, exact (the same roundings);
 * the loader's gather (a shuffled epoch of PrefetchLoader): against numpy and torch indexing of the
   same order, exact;
-* the optimizers' per-step native helpers: ``data_ptrs`` and ``TensorWatch.check`` against Python
+* the optimizers' per-step native helpers: ``data_ptrs`` and ``TensorWatch.refresh`` against Python
   loops over the same tensors, exact;
 * checkpoint checksums (CRC-32, ISA-L when installed): against zlib, exact.
 
