@@ -207,32 +207,45 @@ def test_a_failed_draw_fails_next_and_keeps_the_position(data, monkeypatch):
     loader.close()
 
 
-def _n_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
-
-
-def _threads_back_to(expected: int, timeout: float = 2.0) -> int:
-    deadline = time.monotonic() + timeout
-    while _n_threads() > expected and time.monotonic() < deadline:
-        time.sleep(0.005)
-    return _n_threads()
+def _gather_threads() -> set:
+    """Thread ids of the loaders' gather threads alive in this process (the native side names them)."""
+    tids = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().strip() == "tp-gather":
+                    tids.add(int(tid))
+        except FileNotFoundError:  # ended while listed
+            pass
+    return tids
 
 
 def test_threads_wait_between_loops_and_end_with_close_or_the_loader(data):
     x, y = data
     gc.collect()
-    before = _n_threads()
+    others = _gather_threads()  # another test's loader may still be ending: only new threads count
     loader = PrefetchLoader((x, y), 4096, shuffle=True, num_threads=3)
     list(loader)
-    assert _threads_back_to(before + 3) == before + 3  # idle, waiting for the next loop
+    ours = _gather_threads() - others
+    assert len(ours) == 3  # idle, waiting for the next loop
     list(loader)
-    assert _threads_back_to(before + 3) == before + 3  # the same threads again, no new ones
+    assert _gather_threads() - others == ours  # the same threads again, no new ones
     loader.close()
-    assert _threads_back_to(before) == before
+    assert _wait_until_gone(ours) == set()
     list(loader)
+    again = _gather_threads() - others - ours
+    assert len(again) == 3  # a loop after close() starts its own
     del loader
     gc.collect()
-    assert _threads_back_to(before) == before
+    assert _wait_until_gone(again) == set()
+
+
+def _wait_until_gone(tids: set, timeout: float = 2.0) -> set:
+    """Those of ``tids`` still alive once all have ended or ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while (alive := tids & _gather_threads()) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return alive
 
 
 def _pages_present(addresses) -> np.ndarray:

@@ -11,6 +11,10 @@
 
 #include "loader/gather.h"
 
+#ifdef __linux__
+#include <pthread.h>
+#endif
+
 namespace tp::loader {
 
 struct Epoch {
@@ -318,6 +322,9 @@ DLManagedTensor* Prefetcher::export_view(const TakenBatch& b, int source) {
 }
 
 void Prefetcher::worker() {
+#ifdef __linux__
+  pthread_setname_np(pthread_self(), "tp-gather");  // how top, gdb and the tests tell these threads apart
+#endif
   PrefetchState& st = *st_;
   for (;;) {
     int64_t seq = -1, begin = 0, end = 0;
