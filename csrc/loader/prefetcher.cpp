@@ -9,12 +9,6 @@
 #include <new>
 #include <stdexcept>
 
-#include "loader/gather.h"
-
-#ifdef __linux__
-#include <pthread.h>
-#endif
-
 namespace tp::loader {
 
 struct Epoch {
@@ -322,9 +316,7 @@ DLManagedTensor* Prefetcher::export_view(const TakenBatch& b, int source) {
 }
 
 void Prefetcher::worker() {
-#ifdef __linux__
-  pthread_setname_np(pthread_self(), "tp-gather");  // how top, gdb and the tests tell these threads apart
-#endif
+  name_this_thread("tp-gather");
   PrefetchState& st = *st_;
   for (;;) {
     int64_t seq = -1, begin = 0, end = 0;

@@ -23,7 +23,21 @@
 #include "loader/dlpack.h"
 #include "loader/gather.h"
 
+#ifdef __linux__
+#include <pthread.h>
+#endif
+
 namespace tp::loader {
+
+// Names the calling thread where the OS keeps names (Linux: top, gdb, /proc/<pid>/task/*/comm), so
+// tools and tests can tell the gather threads apart; a no-op elsewhere.
+inline void name_this_thread(const char* name) {
+#ifdef __linux__
+  pthread_setname_np(pthread_self(), name);
+#else
+  (void)name;
+#endif
+}
 
 struct Source {
   const uint8_t* base;  // row-major, contiguous: row r starts at base + r * row_bytes
