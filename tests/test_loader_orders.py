@@ -215,7 +215,7 @@ def _gather_threads() -> set:
             with open(f"/proc/self/task/{tid}/comm") as f:
                 if f.read().strip() == "tp-gather":
                     tids.add(int(tid))
-        except FileNotFoundError:  # ended while listed
+        except (FileNotFoundError, ProcessLookupError):  # ended while listed
             pass
     return tids
 

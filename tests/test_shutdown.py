@@ -36,7 +36,13 @@ WORKER = textwrap.dedent('''
         dist.destroy_process_group()
     else:
         tpd.shutdown()
-    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    names = []
+    for t in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{t}/comm") as f:
+                names.append(f.read().strip())
+        except (FileNotFoundError, ProcessLookupError):  # a thread that ended while listed
+            pass
     print("gloo threads left:", names.count("pt_gloo_runloop"), flush=True)
 ''')
 
