@@ -48,7 +48,8 @@ def n_threads() -> int:
 def threads_after_stop(expected: int, timeout: float = 2.0) -> int:
     """Thread count once it is down to ``expected`` (or after ``timeout`` s). Native threads are
     gone when close() returns (pthread_join); the order-drawing Python thread is joined too, but
-    its OS thread may exit a moment after Thread.join() returns."""
+    its OS thread may exit a moment after Thread.join() returns. Callers assert ``<= expected``: a
+    thread of another test (a helper still ending) may leave the process meanwhile."""
     deadline = time.monotonic() + timeout
     while n_threads() > expected and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -401,16 +402,16 @@ def test_break_and_close_stop_threads():
         if i == 5:
             break
     gc.collect()
-    assert threads_after_stop(before) == before
+    assert threads_after_stop(before) <= before
     it = iter(loader)
     next(it)
     loader.close()
-    assert threads_after_stop(before) == before
+    assert threads_after_stop(before) <= before
     with pytest.raises(StopIteration):
         next(it)
     with PrefetchLoader((x, y), 10, num_threads=2) as ctx:
         next(iter(ctx))
-    assert threads_after_stop(before) == before
+    assert threads_after_stop(before) <= before
 
 
 def test_no_leak_over_1000_loaders():
@@ -430,7 +431,7 @@ def test_no_leak_over_1000_loaders():
     for _ in range(1000):
         run_one()
     gc.collect()
-    assert threads_after_stop(before_threads) == before_threads
+    assert threads_after_stop(before_threads) <= before_threads
     assert rss_bytes() - rss0 < 32 * 2**20
 
 
@@ -541,7 +542,7 @@ def test_cuda_no_thread_or_pinned_leak_over_1000_loaders():
         run_one()
     gc.collect()
     torch.cuda.synchronize()
-    assert threads_after_stop(threads0) == threads0
+    assert threads_after_stop(threads0) <= threads0
     assert rss_bytes() - rss0 < 64 * 2**20  # pinned buffers are resident: a leak would show here
 
 

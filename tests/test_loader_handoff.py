@@ -29,8 +29,11 @@ def _sleeps(exclude: set) -> int:
     total = 0
     for tid in os.listdir("/proc/self/task"):
         if int(tid) not in exclude:
-            with open(f"/proc/self/task/{tid}/status") as f:
-                total += int(f.read().split("\nvoluntary_ctxt_switches:")[1].split()[0])
+            try:
+                with open(f"/proc/self/task/{tid}/status") as f:
+                    total += int(f.read().split("\nvoluntary_ctxt_switches:")[1].split()[0])
+            except (FileNotFoundError, ProcessLookupError):  # a thread that ended while listed
+                pass
     return total
 
 
