@@ -47,27 +47,40 @@ def place(options: Optional[Mapping]) -> AsyncPlace:
 
 def optimizer_factory(optimizer: Any):
     """A factory ``params -> optimizer`` for the servers: the given factory, or one that builds the
-    given optimizer's class with its (single) param group's hyperparameters."""
+    given optimizer's class with its (single) param group's hyperparameters and, for a fused
+    optimizer, its ``master_weights``. Its ``max_grad_norm`` is not carried: a shard's norm is not
+    the gradient's, so the caller clips over the whole model (:class:`_Push`, the pipeline stepper)."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         return optimizer
     if len(optimizer.param_groups) != 1:
         raise ValueError("strategy='async' rebuilds the optimizer on each server's shard: give one param group, or "
                          "optimizer=lambda params: ... as a factory")
     settings = {k: v for k, v in optimizer.param_groups[0].items() if k not in ("params", "initial_lr")}
+    if hasattr(optimizer, "master_weights"):
+        settings["master_weights"] = optimizer.master_weights
     return lambda params: type(optimizer)(params, **settings)
 
 
 class _Push:
-    """The optimizer the Trainer's stepper drives on a worker: ``step()`` pushes the gradients."""
+    """The optimizer the Trainer's stepper drives on a worker: ``step()`` pushes the gradients.
 
-    def __init__(self, adp: AsyncDataParallel) -> None:
+    With ``max_grad_norm`` (the given fused optimizer's) the gradient is first clipped by its norm
+    over the whole model, as the optimizer would have: only the worker sees all of it, a server
+    holds one shard. ``param_groups`` (the model's trainable parameters) lets torch.amp.GradScaler
+    unscale the gradients before ``step()`` and skip a push holding inf or NaN."""
+
+    def __init__(self, adp: AsyncDataParallel, max_grad_norm: Optional[float] = None) -> None:
         self.adp = adp
+        self.max_grad_norm = max_grad_norm
+        self.param_groups = [{"params": [p for p in adp.module.parameters() if p.requires_grad]}]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.adp.module.parameters():
             p.grad = None
 
     def step(self) -> None:
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.param_groups[0]["params"], self.max_grad_norm)
         self.adp.step()
 
 
@@ -80,7 +93,7 @@ def wrap(model: torch.nn.Module, optimizer: Any, total_updates: int, checkpoint_
     servers_dir = None if checkpoint_dir is None else os.path.join(checkpoint_dir, "servers")
     adp = AsyncDataParallel(model, optimizer_factory(optimizer), total_updates=total_updates,
                             checkpoint_dir=servers_dir, save_every=save_every if servers_dir else None, **options)
-    return adp, _Push(adp)
+    return adp, _Push(adp, getattr(optimizer, "max_grad_norm", None))
 
 
 def fit_async(trainer: Any) -> list:
