@@ -59,6 +59,25 @@ def two_threads():
     torch.set_num_threads(old)
 
 
+def split_witness(real):
+    """``(wrapper, threads)``: ``wrapper`` calls ``real`` and adds the calling thread to ``threads``.
+    The test's own thread, on its first call, waits (up to 10 s) until another thread has called it:
+    on a busy machine the caller could otherwise take every piece of a split before a helper wakes,
+    and a split would look like no split."""
+    main, threads, other, waited = threading.get_ident(), set(), threading.Event(), []
+
+    def wrapper(*args, **kw):
+        me = threading.get_ident()
+        threads.add(me)
+        if me != main:
+            other.set()
+        elif not waited:
+            waited.append(True)
+            other.wait(10.0)
+        return real(*args, **kw)
+    return wrapper, threads
+
+
 @pytest.fixture
 def many_shares(monkeypatch):
     """Chunks of 4 KiB shared by 4 threads: chunk boundaries fall inside tensors."""
@@ -152,12 +171,7 @@ def test_a_large_read_is_split_over_threads(tmp_path, monkeypatch, two_threads):
     t = random_tensor(3 * threads.CHUNK // 4, torch.float32, 1)  # 3 chunks
     path = str(tmp_path / "big.safetensors")
     expected = write_safetensors(path, {"t": t, "small": torch.arange(5)}, {})
-    readers, real = set(), os.preadv
-
-    def preadv(*args):
-        readers.add(threading.get_ident())
-        return real(*args)
-
+    preadv, readers = split_witness(os.preadv)
     monkeypatch.setattr(os, "preadv", preadv)
     got, _ = read_safetensors(path, expected)
     assert same_bytes(got["t"], t) and torch.equal(got["small"], torch.arange(5))
@@ -212,12 +226,7 @@ def odd_state() -> dict:
 
 
 def test_async_snapshot_is_the_state_at_save_split_over_threads(tmp_path, monkeypatch, two_threads):
-    copiers, real = set(), np.copyto
-
-    def copyto(*args, **kw):
-        copiers.add(threading.get_ident())
-        return real(*args, **kw)
-
+    copyto, copiers = split_witness(np.copyto)
     monkeypatch.setattr(np, "copyto", copyto)
     value = odd_state()
     value["fill"] = torch.randn(threads.CHUNK)  # 4 chunks
