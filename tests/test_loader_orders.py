@@ -135,11 +135,17 @@ def slow_draws(monkeypatch):
     return slow
 
 
-def first_batch_s(loader):
+def assert_first_batch_ready(loader, rows: int, seed: int, epoch: int, what: str) -> None:
+    """``iter(loader)`` then ``next()`` gives epoch ``epoch``'s documented first batch of 4096 of
+    ``rows`` rows within 0.3 s (a draw there takes ``slow_draws``' delay, longer): its order was
+    drawn ahead."""
     t0 = time.perf_counter()
     it = iter(loader)
     b = next(it)
-    return time.perf_counter() - t0, it, b
+    dt = time.perf_counter() - t0
+    check(b, ref_batches(rows, 4096, seed, epoch)[0])
+    assert dt < 0.3, f"{what} took {dt:.2f} s: its order was drawn only when it was needed"
+    it.close()
 
 
 def test_the_next_epochs_order_is_drawn_while_this_one_runs(data, slow_draws):
@@ -148,10 +154,7 @@ def test_the_next_epochs_order_is_drawn_while_this_one_runs(data, slow_draws):
     loader = PrefetchLoader((x, y), 4096, shuffle=True, seed=3)
     for i, b in enumerate(loader):  # an epoch that lasts longer than a draw
         time.sleep(1.0 / len(loader))
-    dt, it, b = first_batch_s(loader)
-    check(b, ref_batches(len(y), 4096, 3, 1)[0])
-    assert dt < 0.3, f"epoch 1's first batch took {dt:.2f} s: its order was drawn only when it was needed"
-    it.close()
+    assert_first_batch_ready(loader, len(y), 3, 1, "epoch 1's first batch")
 
 
 def test_a_fresh_loaders_order_is_drawn_from_its_construction(data, slow_draws):
@@ -159,10 +162,7 @@ def test_a_fresh_loaders_order_is_drawn_from_its_construction(data, slow_draws):
     slow_draws["epochs"] = {0}
     loader = PrefetchLoader((x, y), 4096, shuffle=True, seed=4)
     time.sleep(0.9)  # the model is built meanwhile
-    dt, it, b = first_batch_s(loader)
-    check(b, ref_batches(len(y), 4096, 4, 0)[0])
-    assert dt < 0.3, f"the first batch took {dt:.2f} s: the order was drawn only when it was needed"
-    it.close()
+    assert_first_batch_ready(loader, len(y), 4, 0, "the first batch")
 
 
 def test_endless_mode_crosses_epoch_boundaries_without_waiting(data, slow_draws):
